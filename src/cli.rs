@@ -1,0 +1,245 @@
+//! Command-line definitions, and nothing else: clap structs for every subcommand.
+//!
+//! Values stay raw here (strings, humantime durations); `config` turns them into a validated
+//! `Config` before anything runs, so that no later step can fail on bad input.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Run a command only while this host holds leadership through a Consul session lock.
+#[derive(Debug, Parser)]
+#[command(name = "consul-leader", version, propagate_version = true)]
+#[command(after_help = "\
+Examples:
+  consul-leader run --key jobs/report -- /usr/local/bin/report --daily
+  consul-leader run --key jobs/backup --wait 0 -- backup.sh     # from cron: give up at once if busy
+  consul-leader status --key jobs/report
+  consul-leader dev-agent                                       # a local stand-in for Consul")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Win the lock on a key, run a command while it is held, stop it when leadership ends.
+    Run(Box<RunArgs>),
+    /// Show who holds a key, since when, and its fencing token.
+    Status(StatusArgs),
+    /// Start a single-node, in-memory Consul-compatible server for trying the tool and for tests.
+    DevAgent(DevAgentArgs),
+}
+
+/// What to do when leadership is lost while the command runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OnLost {
+    /// Stop the command and exit with the lost exit code.
+    Exit,
+    /// Stop the command and contend for the lock again.
+    Recontend,
+}
+
+/// Log line format on stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// How to reach the Consul agent. Flags override the environment variables Consul's own CLI reads.
+#[derive(Debug, Clone, Args)]
+pub struct ConsulArgs {
+    /// Consul agent address: host:port, http://, https:// or unix:///path.
+    #[arg(
+        long,
+        env = "CONSUL_HTTP_ADDR",
+        value_name = "ADDR",
+        default_value = "127.0.0.1:8500"
+    )]
+    pub http_addr: String,
+
+    /// ACL token (prefer --token-file; a token on the command line is visible in ps).
+    #[arg(
+        long,
+        env = "CONSUL_HTTP_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub token: Option<String>,
+
+    /// File holding the ACL token; wins over --token.
+    #[arg(long, env = "CONSUL_HTTP_TOKEN_FILE", value_name = "PATH")]
+    pub token_file: Option<PathBuf>,
+
+    /// Datacenter to use instead of the agent's own (sent as ?dc=).
+    #[arg(long, value_name = "NAME")]
+    pub datacenter: Option<String>,
+}
+
+/// Options of `consul-leader run`.
+#[derive(Debug, Args)]
+#[command(after_help = "\
+Exit codes:
+  the command's own code     the command exited
+  128+N                      the command was killed by signal N
+  75                         not leader within --wait (see --busy-exit-code)
+  76                         leadership lost while the command ran (see --lost-exit-code)
+  125                        Consul unreachable, ACL denied, bad response, internal error
+  126 / 127                  the command cannot be executed / was not found
+  2                          usage error
+
+Examples:
+  consul-leader run --key jobs/report -- /usr/local/bin/report --daily
+  consul-leader run --key jobs/report --wait 0 -- report     # cron: exit 75 at once when busy
+  consul-leader run --key svc/worker --on-lost recontend --shell -- 'exec worker >>/var/log/w.log'")]
+pub struct RunArgs {
+    /// The Consul KV key to lock, for example `jobs/report`.
+    #[arg(long, value_name = "KEY")]
+    pub key: String,
+
+    /// Session TTL: how long Consul keeps the session without a renew (it really waits 2x).
+    #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = parse_duration)]
+    pub ttl: Duration,
+
+    /// Lock-delay: after this session is invalidated, Consul refuses the key to others this long.
+    #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = parse_duration)]
+    pub lock_delay: Duration,
+
+    /// Minimum gap between the previous leader's end and our command's start (skipped after a clean
+    /// release).
+    #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = parse_duration)]
+    pub silence: Duration,
+
+    /// Time between the stop signal and SIGKILL.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    pub grace: Duration,
+
+    /// Signal that asks the command to stop, by name (TERM, INT, HUP, QUIT, USR1, ...).
+    #[arg(long, value_name = "SIGNAL", default_value = "TERM")]
+    pub stop_signal: String,
+
+    /// How long to try for the lock before giving up with the busy exit code; 0 tries once.
+    /// Default: wait for ever.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub wait: Option<Duration>,
+
+    /// Run the command through `sh -c` (one string) instead of executing it directly.
+    #[arg(long)]
+    pub shell: bool,
+
+    /// Bind this Consul check to the session (repeatable); when it goes critical, leadership ends.
+    #[arg(long = "check", value_name = "CHECK_ID")]
+    pub checks: Vec<String>,
+
+    /// Do not bind the node's serfHealth check to the session.
+    #[arg(long)]
+    pub no_node_check: bool,
+
+    /// What to do when leadership is lost while the command runs.
+    #[arg(long, value_enum, default_value = "exit")]
+    pub on_lost: OnLost,
+
+    /// Exit code when the lock was not won within --wait.
+    #[arg(long, value_name = "CODE", default_value_t = 75)]
+    pub busy_exit_code: u8,
+
+    /// Exit code when leadership was lost while the command ran.
+    #[arg(long, value_name = "CODE", default_value_t = 76)]
+    pub lost_exit_code: u8,
+
+    /// Session name shown in Consul (default: consul-leader <key> on <host> pid <pid>).
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+
+    /// Only print errors.
+    #[arg(short, long)]
+    pub quiet: bool,
+
+    /// Log line format on stderr.
+    #[arg(long, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+
+    #[command(flatten)]
+    pub consul: ConsulArgs,
+
+    /// The command to run, and its arguments (after `--`).
+    #[arg(required = true, trailing_var_arg = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+}
+
+/// Options of `consul-leader status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The Consul KV key to inspect.
+    #[arg(long, value_name = "KEY")]
+    pub key: String,
+
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+
+    #[command(flatten)]
+    pub consul: ConsulArgs,
+}
+
+/// Options of `consul-leader dev-agent`.
+#[derive(Debug, Args)]
+#[command(after_help = "\
+The dev agent keeps everything in memory and is for development and tests only, like
+`consul agent -dev`. It prints `dev-agent listening on ADDR` once it accepts connections.
+
+Examples:
+  consul-leader dev-agent
+  consul-leader dev-agent --listen 127.0.0.1:0 --session-ttl-min 1s")]
+pub struct DevAgentArgs {
+    /// Address to listen on; port 0 picks a free port.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8500")]
+    pub listen: SocketAddr,
+
+    /// Node name (default: the host name).
+    #[arg(long, value_name = "NAME")]
+    pub node: Option<String>,
+
+    /// Datacenter name.
+    #[arg(long, value_name = "NAME", default_value = "dc1")]
+    pub datacenter: String,
+
+    /// Smallest session TTL accepted (Consul's session_ttl_min); tests lower it.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub session_ttl_min: Duration,
+
+    /// Require this ACL token on every request; others get 403 Permission denied.
+    #[arg(long, value_name = "TOKEN")]
+    pub acl_token: Option<String>,
+}
+
+/// Parses a humantime duration (`500ms`, `15s`, `2m`); a bare `0` means zero.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    if s.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{e} (use a duration such as 500ms, 15s or 2m)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn clap_definitions_are_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration("1500ms"), Ok(Duration::from_millis(1500)));
+        assert!(parse_duration("15").is_err());
+    }
+}
