@@ -1,0 +1,484 @@
+//! A small client for the Consul HTTP API subset that leader election needs: sessions, KV reads
+//! (plain and blocking), acquire and release.
+//!
+//! Each call has a timeout that fits its purpose (a blocking read waits longer than its `wait` plus
+//! Consul's jitter; a renew is short), so a hung connection can never hold up the leader's own
+//! deadline. Errors are classified once here: `is_transient` says whether retrying can help.
+
+use std::fmt;
+use std::time::Duration;
+
+use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
+use reqwest::StatusCode;
+use serde::Serialize;
+
+use crate::config::ConsulConfig;
+use crate::wire::{KvEntry, SessionEntry};
+
+/// A Consul session ID. A newtype so that it is never mixed up with a key or a token.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SessionId(pub String);
+
+impl fmt::Display for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A Consul index (`X-Consul-Index`), as used for blocking queries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct ConsulIndex(pub u64);
+
+/// Characters escaped in a key path; `/` stays as it is, so the key maps onto Consul's URL path.
+const PATH_SEGMENT: &AsciiSet = &CONTROLS
+    .add(b' ')
+    .add(b'"')
+    .add(b'#')
+    .add(b'%')
+    .add(b'<')
+    .add(b'>')
+    .add(b'?')
+    .add(b'`')
+    .add(b'{')
+    .add(b'}')
+    .add(b'+')
+    .add(b'&')
+    .add(b';')
+    .add(b'=');
+
+/// What went wrong talking to Consul.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsulError {
+    #[error(
+        "cannot reach the Consul agent at {addr} ({detail}); is CONSUL_HTTP_ADDR / --http-addr right and the agent running?"
+    )]
+    Unreachable { addr: String, detail: String },
+    #[error("the Consul agent at {addr} did not answer {op} within {timeout:?}")]
+    Timeout {
+        addr: String,
+        op: &'static str,
+        timeout: Duration,
+    },
+    #[error(
+        "Consul refused {op}: {body}; the token needs `{permission}` (set it with --token-file or CONSUL_HTTP_TOKEN)"
+    )]
+    Denied {
+        op: &'static str,
+        permission: String,
+        body: String,
+    },
+    #[error("Consul answered {op} with {status}: {body}")]
+    Status {
+        op: &'static str,
+        status: u16,
+        body: String,
+    },
+    #[error("cannot read Consul's answer to {op}: {detail}")]
+    Decode { op: &'static str, detail: String },
+}
+
+impl ConsulError {
+    /// Worth retrying: the agent may answer differently in a moment.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ConsulError::Unreachable { .. } | ConsulError::Timeout { .. } => true,
+            ConsulError::Status { status, body, .. } => {
+                (*status >= 500 || *status == 429) && !is_permanent_500(body)
+            }
+            ConsulError::Denied { .. } | ConsulError::Decode { .. } => false,
+        }
+    }
+}
+
+/// Some 500 answers are caused by what we sent and will not change on retry.
+fn is_permanent_500(body: &str) -> bool {
+    [
+        "Invalid Session TTL",
+        "Session TTL",
+        "Invalid Behavior",
+        "Missing check",
+        "Missing node registration",
+        "No path to datacenter",
+        "invalid session",
+        "missing session",
+    ]
+    .iter()
+    .any(|needle| body.contains(needle))
+}
+
+/// Options of a KV read.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ReadOpts {
+    /// Block until the key's index passes this one (0: answer at once).
+    pub index: ConsulIndex,
+    /// How long the server may block.
+    pub wait: Option<Duration>,
+    /// `?consistent`: the leader confirms it still leads before answering.
+    pub consistent: bool,
+}
+
+/// The body of `PUT /v1/session/create`.
+#[derive(Debug, Serialize)]
+pub struct SessionRequest {
+    #[serde(rename = "Name")]
+    pub name: String,
+    #[serde(rename = "TTL")]
+    pub ttl: String,
+    #[serde(rename = "LockDelay")]
+    pub lock_delay: String,
+    #[serde(rename = "Behavior")]
+    pub behavior: &'static str,
+    /// The node checks to bind. Sent explicitly, also when empty: an absent list would mean
+    /// Consul's default (`serfHealth`).
+    #[serde(rename = "NodeChecks")]
+    pub node_checks: Vec<String>,
+    /// The legacy field. Consul resolves the two (consul-api.md §2.1): `"Checks": []` clears every
+    /// node check, while leaving it out lets `NodeChecks` decide. So it is sent, empty, only when
+    /// no check at all is wanted.
+    #[serde(rename = "Checks", skip_serializing_if = "Option::is_none")]
+    pub checks: Option<Vec<String>>,
+}
+
+impl SessionRequest {
+    /// A release-behaviour session bound to exactly `checks`.
+    pub fn new(name: String, ttl: Duration, lock_delay: Duration, checks: Vec<String>) -> Self {
+        let legacy = checks.is_empty().then(Vec::new);
+        Self {
+            name,
+            ttl: format!("{}ms", ttl.as_millis()),
+            lock_delay: format!("{}ms", lock_delay.as_millis()),
+            behavior: "release",
+            node_checks: checks,
+            checks: legacy,
+        }
+    }
+}
+
+/// Short timeout for non-blocking calls; a renew must not hang past the leader's deadline.
+const SHORT_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub struct Client {
+    http: reqwest::Client,
+    cfg: ConsulConfig,
+}
+
+impl Client {
+    pub fn new(cfg: ConsulConfig) -> anyhow::Result<Self> {
+        // reqwest is built without a default TLS provider; pick ring once for the process.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(3))
+            .pool_idle_timeout(Duration::from_secs(30))
+            .user_agent(concat!("consul-leader/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(Self { http, cfg })
+    }
+
+    fn url(&self, path: &str, query: &[(&str, String)]) -> String {
+        let mut url = format!("{}{}", self.cfg.base_url, path);
+        let mut sep = '?';
+        let dc = self.cfg.datacenter.as_ref().map(|dc| ("dc", dc.clone()));
+        for (k, v) in query.iter().cloned().chain(dc) {
+            url.push(sep);
+            sep = '&';
+            url.push_str(k);
+            if !v.is_empty() {
+                url.push('=');
+                url.push_str(&utf8_percent_encode(&v, PATH_SEGMENT).to_string());
+            }
+        }
+        url
+    }
+
+    fn kv_path(key: &str) -> String {
+        format!("/v1/kv/{}", utf8_percent_encode(key, PATH_SEGMENT))
+    }
+
+    async fn send(
+        &self,
+        op: &'static str,
+        permission: impl FnOnce() -> String,
+        req: reqwest::RequestBuilder,
+        timeout: Duration,
+    ) -> Result<(StatusCode, reqwest::header::HeaderMap, bytes::Bytes), ConsulError> {
+        let mut req = req.timeout(timeout);
+        if let Some(token) = &self.cfg.token {
+            let mut value =
+                reqwest::header::HeaderValue::from_str(token).map_err(|_| ConsulError::Decode {
+                    op,
+                    detail: "the ACL token contains invalid characters".into(),
+                })?;
+            value.set_sensitive(true);
+            req = req.header("X-Consul-Token", value);
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| self.transport_error(op, timeout, e))?;
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|e| self.transport_error(op, timeout, e))?;
+        if status == StatusCode::FORBIDDEN {
+            return Err(ConsulError::Denied {
+                op,
+                permission: permission(),
+                body: String::from_utf8_lossy(&body).trim().to_string(),
+            });
+        }
+        Ok((status, headers, body))
+    }
+
+    fn transport_error(
+        &self,
+        op: &'static str,
+        timeout: Duration,
+        e: reqwest::Error,
+    ) -> ConsulError {
+        if e.is_timeout() {
+            return ConsulError::Timeout {
+                addr: self.cfg.addr_display.clone(),
+                op,
+                timeout,
+            };
+        }
+        // The innermost cause is what an operator recognises ("Connection refused").
+        let mut detail = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            detail = s.to_string();
+            source = s.source();
+        }
+        ConsulError::Unreachable {
+            addr: self.cfg.addr_display.clone(),
+            detail,
+        }
+    }
+
+    fn unexpected(op: &'static str, status: StatusCode, body: &[u8]) -> ConsulError {
+        ConsulError::Status {
+            op,
+            status: status.as_u16(),
+            body: String::from_utf8_lossy(body).trim().to_string(),
+        }
+    }
+
+    pub async fn session_create(&self, req: &SessionRequest) -> Result<SessionId, ConsulError> {
+        const OP: &str = "session create";
+        let (status, _, body) = self
+            .send(
+                OP,
+                || "session:write on this agent's node".into(),
+                self.http.put(self.url("/v1/session/create", &[])).json(req),
+                SHORT_TIMEOUT,
+            )
+            .await?;
+        if status != StatusCode::OK {
+            return Err(Self::unexpected(OP, status, &body));
+        }
+        #[derive(serde::Deserialize)]
+        struct Created {
+            #[serde(rename = "ID")]
+            id: String,
+        }
+        let created: Created = serde_json::from_slice(&body).map_err(|e| ConsulError::Decode {
+            op: OP,
+            detail: e.to_string(),
+        })?;
+        Ok(SessionId(created.id))
+    }
+
+    /// Renews the session. `Ok(None)`: Consul no longer knows it (expired or destroyed).
+    pub async fn session_renew(
+        &self,
+        id: &SessionId,
+        timeout: Duration,
+    ) -> Result<Option<SessionEntry>, ConsulError> {
+        const OP: &str = "session renew";
+        let (status, _, body) = self
+            .send(
+                OP,
+                || "session:write on this agent's node".into(),
+                self.http
+                    .put(self.url(&format!("/v1/session/renew/{id}"), &[])),
+                timeout,
+            )
+            .await?;
+        match status {
+            StatusCode::NOT_FOUND => Ok(None),
+            StatusCode::OK => {
+                let list: Vec<SessionEntry> =
+                    serde_json::from_slice(&body).map_err(|e| ConsulError::Decode {
+                        op: OP,
+                        detail: e.to_string(),
+                    })?;
+                Ok(list.into_iter().next())
+            }
+            _ => Err(Self::unexpected(OP, status, &body)),
+        }
+    }
+
+    pub async fn session_destroy(&self, id: &SessionId) -> Result<(), ConsulError> {
+        const OP: &str = "session destroy";
+        let (status, _, body) = self
+            .send(
+                OP,
+                || "session:write on this agent's node".into(),
+                self.http
+                    .put(self.url(&format!("/v1/session/destroy/{id}"), &[])),
+                SHORT_TIMEOUT,
+            )
+            .await?;
+        if status != StatusCode::OK {
+            return Err(Self::unexpected(OP, status, &body));
+        }
+        Ok(())
+    }
+
+    /// Reads one key. Returns the entry (None when absent) and the index to block on next.
+    pub async fn kv_get(
+        &self,
+        key: &str,
+        opts: ReadOpts,
+    ) -> Result<(Option<KvEntry>, ConsulIndex), ConsulError> {
+        const OP: &str = "KV read";
+        let mut query = Vec::new();
+        if opts.consistent {
+            query.push(("consistent", String::new()));
+        }
+        let mut timeout = SHORT_TIMEOUT;
+        if opts.index.0 > 0 {
+            query.push(("index", opts.index.0.to_string()));
+            let wait = opts.wait.unwrap_or(Duration::from_secs(300));
+            query.push(("wait", format!("{}ms", wait.as_millis().max(1))));
+            // Consul adds up to wait/16 of jitter; allow for it and for the round trip.
+            timeout = wait + wait / 16 + SHORT_TIMEOUT;
+        }
+        let (status, headers, body) = self
+            .send(
+                OP,
+                || format!("key:read on {key}"),
+                self.http.get(self.url(&Self::kv_path(key), &query)),
+                timeout,
+            )
+            .await?;
+        let index = headers
+            .get("X-Consul-Index")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(ConsulIndex)
+            .ok_or_else(|| ConsulError::Decode {
+                op: OP,
+                detail: "no X-Consul-Index header".into(),
+            })?;
+        match status {
+            StatusCode::NOT_FOUND => Ok((None, index)),
+            StatusCode::OK => {
+                let list: Vec<KvEntry> =
+                    serde_json::from_slice(&body).map_err(|e| ConsulError::Decode {
+                        op: OP,
+                        detail: e.to_string(),
+                    })?;
+                Ok((list.into_iter().next(), index))
+            }
+            _ => Err(Self::unexpected(OP, status, &body)),
+        }
+    }
+
+    async fn kv_lock_op(
+        &self,
+        op: &'static str,
+        verb: &'static str,
+        key: &str,
+        session: &SessionId,
+        flags: u64,
+        value: Vec<u8>,
+    ) -> Result<bool, ConsulError> {
+        let query = [(verb, session.0.clone()), ("flags", flags.to_string())];
+        let (status, _, body) = self
+            .send(
+                op,
+                || format!("key:write on {key}"),
+                self.http
+                    .put(self.url(&Self::kv_path(key), &query))
+                    .body(value),
+                SHORT_TIMEOUT,
+            )
+            .await?;
+        if status != StatusCode::OK {
+            return Err(Self::unexpected(op, status, &body));
+        }
+        // Consul's own client treats any body containing `true` as success.
+        Ok(String::from_utf8_lossy(&body).contains("true"))
+    }
+
+    /// `PUT ?acquire`: true when we hold the lock afterwards.
+    pub async fn kv_acquire(
+        &self,
+        key: &str,
+        session: &SessionId,
+        flags: u64,
+        value: Vec<u8>,
+    ) -> Result<bool, ConsulError> {
+        self.kv_lock_op("lock acquire", "acquire", key, session, flags, value)
+            .await
+    }
+
+    /// `PUT ?release`: true when we held the lock and it is now free.
+    pub async fn kv_release(
+        &self,
+        key: &str,
+        session: &SessionId,
+        flags: u64,
+        value: Vec<u8>,
+    ) -> Result<bool, ConsulError> {
+        self.kv_lock_op("lock release", "release", key, session, flags, value)
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_keep_slashes_and_escape_the_rest() {
+        assert_eq!(Client::kv_path("jobs/a b?c"), "/v1/kv/jobs/a%20b%3Fc");
+    }
+
+    #[test]
+    fn transient_errors_are_told_apart() {
+        let s = |status, body: &str| ConsulError::Status {
+            op: "x",
+            status,
+            body: body.into(),
+        };
+        assert!(s(500, "rpc error: No cluster leader").is_transient());
+        assert!(s(429, "").is_transient());
+        assert!(!s(500, "invalid session \"x\"").is_transient());
+        assert!(!s(400, "bad").is_transient());
+        assert!(
+            ConsulError::Unreachable {
+                addr: "a".into(),
+                detail: "refused".into()
+            }
+            .is_transient()
+        );
+    }
+
+    #[test]
+    fn session_request_binds_exactly_the_checks_given() {
+        let secs = Duration::from_secs;
+        let none = SessionRequest::new("n".into(), secs(15), secs(15), vec![]);
+        let v = serde_json::to_value(&none).unwrap();
+        assert_eq!(v["NodeChecks"], serde_json::json!([]));
+        assert_eq!(v["Checks"], serde_json::json!([]));
+        assert_eq!(v["TTL"], "15000ms");
+        let some = SessionRequest::new("n".into(), secs(15), secs(15), vec!["serfHealth".into()]);
+        let v = serde_json::to_value(&some).unwrap();
+        assert_eq!(v["NodeChecks"], serde_json::json!(["serfHealth"]));
+        assert!(v.get("Checks").is_none());
+    }
+}

@@ -1,0 +1,21 @@
+//! Log lines on stderr: one line per state change, human-readable by default, JSON on request.
+//! `-q` keeps only errors; `CONSUL_LEADER_LOG` (an `EnvFilter` directive such as `debug`) overrides
+//! the level for troubleshooting.
+
+use tracing_subscriber::EnvFilter;
+
+use crate::cli::LogFormat;
+
+pub fn init(quiet: bool, format: LogFormat) {
+    let default = if quiet { "error" } else { "info" };
+    let filter = EnvFilter::try_from_env("CONSUL_LEADER_LOG")
+        .unwrap_or_else(|_| EnvFilter::new(format!("consul_leader={default}")));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    let _ = match format {
+        LogFormat::Text => builder.compact().try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}
