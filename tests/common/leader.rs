@@ -1,0 +1,343 @@
+//! Harness for tests of `consul-leader run`: a wrapper process driving the child fixture
+//! (`tests/fixtures/child.sh`), the fixture's journal, and a scanner for processes a test left.
+//!
+//! Every test gets a unique marker; the fixture and everything it starts carry it in
+//! `CONSUL_LEADER_TEST_MARKER`, so leftovers are found by scanning `/proc/*/environ`, and
+//! [`Fixture`]'s drop SIGKILLs whatever still carries it, so a failing test leaves nothing behind.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+use super::{DevAgent, Proc, bin_path, unique};
+
+/// The environment variable that tags every process a test's child fixture starts.
+pub const MARKER_ENV: &str = "CONSUL_LEADER_TEST_MARKER";
+
+/// Generous deadline for anything a test waits on.
+pub const DEADLINE: Duration = Duration::from_secs(60);
+
+/// Timing knobs that suit the agent: short against a dev agent (its TTL minimum is lowered),
+/// Consul's minimum against a real one.
+#[derive(Debug, Clone)]
+pub struct Timing {
+    pub ttl: &'static str,
+    pub lock_delay: &'static str,
+    pub silence: &'static str,
+    pub grace: &'static str,
+}
+
+/// A dev agent with a lowered session TTL minimum, or the real agent of `CONSUL_LEADER_TEST_ADDR`.
+pub fn agent() -> (DevAgent, Timing) {
+    if DevAgent::is_real() {
+        let timing = Timing { ttl: "10s", lock_delay: "2s", silence: "2s", grace: "1s" };
+        (DevAgent::start(), timing)
+    } else {
+        let agent = DevAgent::builder().ttl_min("1s").start().expect("a local dev agent");
+        let timing = Timing { ttl: "3s", lock_delay: "1s", silence: "1s", grace: "1s" };
+        (agent, timing)
+    }
+}
+
+/// One test's fixture state: its marker, journal and scratch directory.
+pub struct Fixture {
+    pub marker: String,
+    pub dir: PathBuf,
+    pub journal: PathBuf,
+}
+
+impl Default for Fixture {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Fixture {
+    pub fn new() -> Fixture {
+        let marker = format!("cl-test-{}", unique(12));
+        let dir = std::env::temp_dir().join(&marker);
+        std::fs::create_dir_all(&dir).expect("create the test's scratch directory");
+        let journal = dir.join("journal");
+        std::fs::write(&journal, "").expect("create the journal");
+        Fixture { marker, dir, journal }
+    }
+
+    /// The child fixture script.
+    pub fn child_script() -> String {
+        format!("{}/tests/fixtures/child.sh", env!("CARGO_MANIFEST_DIR"))
+    }
+
+    /// The journal's events, in order.
+    pub fn events(&self) -> Vec<Event> {
+        std::fs::read_to_string(&self.journal)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(Event::parse)
+            .collect()
+    }
+
+    /// Pids of live processes carrying this test's marker.
+    pub fn live(&self) -> Vec<u32> {
+        marked_processes(&self.marker)
+    }
+
+    /// Waits until no process carries the marker; panics listing them after `deadline`.
+    pub fn wait_none_left(&self, deadline: Duration) {
+        let end = std::time::Instant::now() + deadline;
+        loop {
+            let live = self.live();
+            if live.is_empty() {
+                return;
+            }
+            if std::time::Instant::now() >= end {
+                panic!("processes of this test are still alive: {}", describe_pids(&live));
+            }
+            std::thread::sleep(super::POLL_INTERVAL);
+        }
+    }
+
+    /// Waits until the journal satisfies `cond`, returning the events then.
+    pub fn wait_journal(&self, what: &str, cond: impl Fn(&[Event]) -> bool) -> Vec<Event> {
+        let mut events = Vec::new();
+        super::wait_until_sync(what, DEADLINE, || {
+            events = self.events();
+            cond(&events)
+        });
+        events
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        // Whatever the test left: kill it, so that a failed test does not poison the next ones.
+        for pid in self.live() {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// One line of the child fixture's journal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub kind: String,
+    pub pid: u32,
+    /// Microseconds since the epoch (CLOCK_REALTIME).
+    pub time_us: u64,
+    pub detail: String,
+}
+
+impl Event {
+    fn parse(line: &str) -> Option<Event> {
+        let mut parts = line.splitn(4, ' ');
+        Some(Event {
+            kind: parts.next()?.to_string(),
+            pid: parts.next()?.parse().ok()?,
+            time_us: parts.next()?.parse().ok()?,
+            detail: parts.next().unwrap_or("").to_string(),
+        })
+    }
+
+    pub fn is_main_start(&self) -> bool {
+        self.kind == "start" && self.detail == "main"
+    }
+}
+
+/// Now, in the journal's clock (microseconds since the epoch).
+pub fn now_us() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_micros() as u64
+}
+
+/// Lifetimes of the `main` children in the journal: (pid, start, end), end `None` if still running
+/// by the journal (a SIGKILLed child writes no stop line; its end is taken from `ended`).
+pub fn lifetimes(events: &[Event], ended: &BTreeMap<u32, u64>) -> Vec<(u32, u64, Option<u64>)> {
+    let mut out = Vec::new();
+    for e in events.iter().filter(|e| e.is_main_start()) {
+        let stop = events
+            .iter()
+            .find(|s| s.pid == e.pid && s.kind == "stop")
+            .map(|s| s.time_us)
+            .or_else(|| ended.get(&e.pid).copied());
+        out.push((e.pid, e.time_us, stop));
+    }
+    out
+}
+
+/// Every pair of overlapping lifetimes, as a readable list (empty when none overlap).
+pub fn overlaps(lives: &[(u32, u64, Option<u64>)]) -> Vec<String> {
+    let mut found = Vec::new();
+    for (i, a) in lives.iter().enumerate() {
+        for b in &lives[i + 1..] {
+            let a_end = a.2.unwrap_or(u64::MAX);
+            let b_end = b.2.unwrap_or(u64::MAX);
+            if a.1 < b_end && b.1 < a_end {
+                found.push(format!("child {} {:?} overlaps child {} {:?}", a.0, (a.1, a.2), b.0, (b.1, b.2)));
+            }
+        }
+    }
+    found
+}
+
+/// Pids of live (not zombie) processes whose environment holds `MARKER_ENV=marker`.
+pub fn marked_processes(marker: &str) -> Vec<u32> {
+    let needle = format!("{MARKER_ENV}={marker}");
+    let mut pids = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else { return pids };
+    for entry in dir.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(env) = std::fs::read(entry.path().join("environ")) else { continue };
+        if !env.split(|b| *b == 0).any(|var| var == needle.as_bytes()) {
+            continue;
+        }
+        if is_zombie(pid) {
+            continue;
+        }
+        pids.push(pid);
+    }
+    pids
+}
+
+fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('Z')))
+        .unwrap_or(true)
+}
+
+fn describe_pids(pids: &[u32]) -> String {
+    pids.iter()
+        .map(|p| {
+            let cmd = std::fs::read(format!("/proc/{p}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+                .unwrap_or_default();
+            format!("{p} ({})", cmd.trim())
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Builds a `consul-leader run` wrapper around the child fixture.
+pub struct WrapperBuilder<'a> {
+    agent: &'a DevAgent,
+    fixture: &'a Fixture,
+    key: String,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    command: Option<Vec<String>>,
+}
+
+impl<'a> WrapperBuilder<'a> {
+    pub fn new(agent: &'a DevAgent, fixture: &'a Fixture, key: &str, timing: &Timing) -> Self {
+        let args = [
+            "--ttl",
+            timing.ttl,
+            "--lock-delay",
+            timing.lock_delay,
+            "--silence",
+            timing.silence,
+            "--grace",
+            timing.grace,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        WrapperBuilder { agent, fixture, key: key.to_string(), args, env: Vec::new(), command: None }
+    }
+
+    /// Sets (or replaces) a flag of `run`.
+    pub fn flag(mut self, name: &str, value: &str) -> Self {
+        if let Some(i) = self.args.iter().position(|a| a == name) {
+            self.args[i + 1] = value.to_string();
+        } else {
+            self.args.push(name.to_string());
+            self.args.push(value.to_string());
+        }
+        self
+    }
+
+    /// Adds a flag without a value.
+    pub fn switch(mut self, name: &str) -> Self {
+        self.args.push(name.to_string());
+        self
+    }
+
+    /// An environment variable for the wrapper (and so, unless removed, the child).
+    pub fn env(mut self, name: &str, value: &str) -> Self {
+        self.env.push((name.to_string(), value.to_string()));
+        self
+    }
+
+    /// Runs this command instead of the child fixture.
+    pub fn command(mut self, argv: &[&str]) -> Self {
+        self.command = Some(argv.iter().map(|s| s.to_string()).collect());
+        self
+    }
+
+    pub fn spawn(self) -> Proc {
+        let mut cmd = Command::new(bin_path());
+        cmd.arg("run").arg("--key").arg(&self.key).args(&self.args).arg("--");
+        match &self.command {
+            Some(argv) => cmd.args(argv),
+            None => cmd.arg("bash").arg(Fixture::child_script()),
+        };
+        cmd.env("CONSUL_HTTP_ADDR", self.agent.addr())
+            .env(MARKER_ENV, &self.fixture.marker)
+            .env("CL_CHILD_JOURNAL", &self.fixture.journal)
+            .env_remove("CONSUL_HTTP_TOKEN")
+            .env_remove("CONSUL_HTTP_TOKEN_FILE")
+            .env_remove("CONSUL_LEADER_LOG");
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        Proc::spawn(cmd)
+    }
+}
+
+/// The session IDs on the agent whose name mentions `key` (our wrappers name sessions after it).
+pub async fn sessions_for(agent: &DevAgent, key: &str) -> Vec<String> {
+    let v = agent.get("/v1/session/list").await.expect_status(200).json();
+    v.as_array()
+        .map(|list| {
+            list.iter()
+                .filter(|s| s["Name"].as_str().is_some_and(|n| n.contains(key)))
+                .filter_map(|s| s["ID"].as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The lock key's entry decoded: (session, lock index, value JSON).
+pub async fn lock_state(
+    agent: &DevAgent,
+    name: &str,
+) -> Option<(Option<String>, u64, serde_json::Value)> {
+    let e = agent.kv_entry(name).await?;
+    let session = e["Session"].as_str().map(String::from);
+    let lock_index = e["LockIndex"].as_u64().unwrap_or(0);
+    let value = e["Value"]
+        .as_str()
+        .and_then(|v| {
+            use base64::Engine;
+            base64::engine::general_purpose::STANDARD.decode(v).ok()
+        })
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or(serde_json::Value::Null);
+    Some((session, lock_index, value))
+}
+
+/// Reads `KEY=value` lines written by the fixture's `CL_CHILD_ENV_FILE`.
+pub fn read_env_file(path: &Path) -> BTreeMap<String, String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+        .collect()
+}
