@@ -329,13 +329,13 @@ pub async fn info(ctx: &mut Ctx) -> Result<Resp, ApiError> {
     let (body, index) = blocking_query(&ctx.agent, opts, WatchSpec::Sessions, |s: &Store| {
         let found = s.session_get(&id);
         Answer {
-            value: serde_json::to_value(json_sessions(found.into_iter())).unwrap_or_default(),
+            value: found.cloned().into_iter().collect::<Vec<_>>(),
             index: s.sessions_index(),
             not_found: found.is_none(),
         }
     })
     .await;
-    Ok(with_meta(ctx.json(&body), index))
+    Ok(with_meta(ctx.json(&json_sessions(body.iter())), index))
 }
 
 pub async fn list(ctx: &mut Ctx) -> Result<Resp, ApiError> {
@@ -343,12 +343,12 @@ pub async fn list(ctx: &mut Ctx) -> Result<Resp, ApiError> {
     ctx.reject_enterprise_meta()?;
     ctx.rpc_gate("session", "read", "")?;
     let (body, index) = blocking_query(&ctx.agent, opts, WatchSpec::Sessions, |s: &Store| Answer {
-        value: serde_json::to_value(json_sessions(s.sessions())).unwrap_or_default(),
+        value: s.sessions().cloned().collect::<Vec<_>>(),
         index: s.sessions_index(),
         not_found: false,
     })
     .await;
-    Ok(with_meta(ctx.json(&body), index))
+    Ok(with_meta(ctx.json(&json_sessions(body.iter())), index))
 }
 
 pub async fn node(ctx: &mut Ctx) -> Result<Resp, ApiError> {
@@ -364,13 +364,13 @@ pub async fn node(ctx: &mut Ctx) -> Result<Resp, ApiError> {
             .sessions()
             .filter(|x| x.spec.node.eq_ignore_ascii_case(&node));
         Answer {
-            value: serde_json::to_value(json_sessions(mine)).unwrap_or_default(),
+            value: mine.cloned().collect::<Vec<_>>(),
             index: s.sessions_index(),
             not_found: false,
         }
     })
     .await;
-    Ok(with_meta(ctx.json(&body), index))
+    Ok(with_meta(ctx.json(&json_sessions(body.iter())), index))
 }
 
 #[cfg(test)]

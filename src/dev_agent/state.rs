@@ -963,6 +963,28 @@ mod tests {
     }
 
     #[test]
+    fn session_json_matches_wire_shape() {
+        let mut s = store();
+        let id = session(&mut s, Behavior::Delete, 15 * SECOND, 0);
+        let sess = s.session_get(&id).unwrap();
+        let ours = serde_json::to_string(&sess.to_json()).unwrap();
+        let wire = crate::wire::SessionEntry {
+            id: id.clone(),
+            name: String::new(),
+            node: "n1".into(),
+            lock_delay: 15_000_000_000,
+            behavior: "delete".into(),
+            ttl: String::new(),
+            node_checks: Some(vec![SERF_CHECK_ID.into()]),
+            service_checks: None,
+            checks: vec![],
+            create_index: sess.create_index,
+            modify_index: sess.modify_index,
+        };
+        assert_eq!(ours, serde_json::to_string(&wire).unwrap());
+    }
+
+    #[test]
     fn keys_with_separator() {
         let mut s = store();
         for k in [
