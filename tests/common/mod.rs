@@ -630,6 +630,79 @@ impl DevAgent {
     }
 }
 
+/// Checks a lock-delay of `delay` on key `name` (under the agent's prefix), set by a session
+/// invalidation that the server performed after `lower_bound`:
+/// * an acquire by `session` answered less than `delay` after `lower_bound` must be refused (an
+///   answer later than that, on a very slow machine, is inconclusive and only noted);
+/// * the first acquire that succeeds must be answered at least `delay` after `lower_bound`.
+pub async fn assert_lock_delay(
+    a: &DevAgent,
+    name: &str,
+    session: &str,
+    delay: Duration,
+    lower_bound: Instant,
+) {
+    let got = a.acquire(name, session, b"next").await;
+    let answered = lower_bound.elapsed();
+    if answered < delay {
+        assert!(
+            !got,
+            "an acquire answered {answered:?} after the invalidation must be refused by the \
+             {delay:?} lock-delay"
+        );
+    } else {
+        eprintln!(
+            "note: the first acquire was answered {answered:?} after the invalidation, past the \
+             {delay:?} lock-delay; the machine is too slow to check the refusal"
+        );
+    }
+    if !got {
+        wait_until(
+            "the acquire succeeds once the lock-delay is over",
+            delay + Duration::from_secs(15),
+            || async { a.acquire(name, session, b"next").await },
+        )
+        .await;
+    }
+    // Allows for clock granularity on the server.
+    let tolerance = Duration::from_millis(100);
+    assert!(
+        lower_bound.elapsed() + tolerance >= delay,
+        "the acquire succeeded {:?} after the invalidation, before the {delay:?} lock-delay ended",
+        lower_bound.elapsed()
+    );
+    assert_eq!(a.kv_entry(name).await.unwrap()["Session"], json!(session));
+}
+
+/// Polls key `name` until it exists without a `Session` (released by an invalidation). Returns
+/// the latest instant known to precede the release: the send time of the last read that still
+/// saw the key held, or `since` if none did, so `since` must be an instant before which the
+/// release cannot have happened (e.g. taken before the acquire, or before the request that
+/// invalidates the session). Panics after `deadline` (counted from `since`).
+pub async fn wait_unlocked(
+    a: &DevAgent,
+    name: &str,
+    since: Instant,
+    deadline: Duration,
+) -> Instant {
+    let mut last_held = since;
+    loop {
+        let sent = Instant::now();
+        match a.kv_entry(name).await {
+            Some(e) if absent(&e, "Session") => return last_held,
+            Some(_) => last_held = last_held.max(sent),
+            None => panic!("key {} vanished while waiting for its release", a.key(name)),
+        }
+        if since.elapsed() >= deadline {
+            panic!(
+                "timed out after {deadline:?} waiting until {} is released",
+                a.key(name)
+            );
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
 /// `PUT /v1/session/create` through `http`; asserts 200 and returns the ID.
 pub async fn create_session_with(http: &Http, body: Value) -> String {
     let r = http
