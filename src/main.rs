@@ -3,7 +3,10 @@
 
 mod cli;
 mod dev_agent;
+// Shared with the client side (`run`, `status`), which is not in this build yet.
+#[allow(dead_code)]
 mod exit;
+#[allow(dead_code)]
 mod wire;
 
 use std::process::ExitCode;
