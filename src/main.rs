@@ -1,12 +1,15 @@
 //! `consul-leader`: parse the command line, hand over to the subcommand, map its outcome to an exit
 //! code. Each subcommand builds the runtime it needs.
 
+mod app;
 mod cli;
+mod config;
+mod consul;
 mod dev_agent;
-// Shared with the client side (`run`, `status`), which is not in this build yet.
-#[allow(dead_code)]
+mod election;
 mod exit;
-#[allow(dead_code)]
+mod logging;
+mod supervisor;
 mod wire;
 
 use std::process::ExitCode;
@@ -16,7 +19,7 @@ use clap::Parser;
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     match cli.command {
-        cli::Command::Run(_) => not_implemented("run"),
+        cli::Command::Run(args) => app::main(args),
         cli::Command::Status(_) => not_implemented("status"),
         cli::Command::DevAgent(args) => dev_agent::main(args),
     }
