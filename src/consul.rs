@@ -337,6 +337,29 @@ impl Client {
         Ok(())
     }
 
+    /// The session, or `None` when Consul does not know it (any more).
+    pub async fn session_info(&self, id: &str) -> Result<Option<SessionEntry>, ConsulError> {
+        const OP: &str = "session info";
+        let (status, _, body) = self
+            .send(
+                OP,
+                || "session:read on the session's node".into(),
+                self.http
+                    .get(self.url(&format!("/v1/session/info/{id}"), &[])),
+                SHORT_TIMEOUT,
+            )
+            .await?;
+        if status != StatusCode::OK {
+            return Err(Self::unexpected(OP, status, &body));
+        }
+        let list: Vec<SessionEntry> =
+            serde_json::from_slice(&body).map_err(|e| ConsulError::Decode {
+                op: OP,
+                detail: e.to_string(),
+            })?;
+        Ok(list.into_iter().next())
+    }
+
     /// Reads one key. Returns the entry (None when absent) and the index to block on next.
     pub async fn kv_get(
         &self,

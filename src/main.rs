@@ -9,6 +9,7 @@ mod dev_agent;
 mod election;
 mod exit;
 mod logging;
+mod status;
 mod supervisor;
 mod wire;
 
@@ -20,12 +21,7 @@ fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     match cli.command {
         cli::Command::Run(args) => app::main(args),
-        cli::Command::Status(_) => not_implemented("status"),
+        cli::Command::Status(args) => status::main(args),
         cli::Command::DevAgent(args) => dev_agent::main(args),
     }
-}
-
-fn not_implemented(what: &str) -> ExitCode {
-    eprintln!("consul-leader: `{what}` is not implemented yet");
-    ExitCode::from(exit::INTERNAL)
 }
