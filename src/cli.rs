@@ -31,6 +31,13 @@ pub enum Command {
     Status(StatusArgs),
     /// Start a single-node, in-memory Consul-compatible server for trying the tool and for tests.
     DevAgent(DevAgentArgs),
+    /// Write the man pages and shell completions (for packagers and for this repository).
+    #[command(hide = true)]
+    GenerateDocs {
+        /// Directory to write `man/` and `completions/` into.
+        #[arg(long, value_name = "DIR", default_value = ".")]
+        out_dir: PathBuf,
+    },
 }
 
 /// What to do when leadership is lost while the command runs.
@@ -72,7 +79,12 @@ pub struct ConsulArgs {
     pub token: Option<String>,
 
     /// File holding the ACL token; wins over --token.
-    #[arg(long, env = "CONSUL_HTTP_TOKEN_FILE", value_name = "PATH")]
+    #[arg(
+        long,
+        env = "CONSUL_HTTP_TOKEN_FILE",
+        value_name = "PATH",
+        hide_env_values = true
+    )]
     pub token_file: Option<PathBuf>,
 
     /// Datacenter to use instead of the agent's own (sent as ?dc=).

@@ -6,6 +6,7 @@ mod cli;
 mod config;
 mod consul;
 mod dev_agent;
+mod docs;
 mod election;
 mod exit;
 mod logging;
@@ -23,5 +24,15 @@ fn main() -> ExitCode {
         cli::Command::Run(args) => app::main(args),
         cli::Command::Status(args) => status::main(args),
         cli::Command::DevAgent(args) => dev_agent::main(args),
+        cli::Command::GenerateDocs { out_dir } => match docs::write_all(&out_dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!(
+                    "consul-leader: cannot write the docs into {}: {e}",
+                    out_dir.display()
+                );
+                ExitCode::from(exit::INTERNAL)
+            }
+        },
     }
 }

@@ -1,0 +1,80 @@
+# Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
+function __fish_consul_leader_global_optspecs
+    string join \n h/help V/version
+end
+
+function __fish_consul_leader_needs_command
+    # Figure out if the current invocation already has a command.
+    set -l cmd (commandline -opc)
+    set -e cmd[1]
+    argparse -s (__fish_consul_leader_global_optspecs) -- $cmd 2>/dev/null
+    or return
+    if set -q argv[1]
+        # Also print the command, so this can be used to figure out what it is.
+        echo $argv[1]
+        return 1
+    end
+    return 0
+end
+
+function __fish_consul_leader_using_subcommand
+    set -l cmd (__fish_consul_leader_needs_command)
+    test -z "$cmd"
+    and return 1
+    contains -- $cmd[1] $argv
+end
+
+complete -c consul-leader -n "__fish_consul_leader_needs_command" -s h -l help -d 'Print help'
+complete -c consul-leader -n "__fish_consul_leader_needs_command" -s V -l version -d 'Print version'
+complete -c consul-leader -n "__fish_consul_leader_needs_command" -f -a "run" -d 'Win the lock on a key, run a command while it is held, stop it when leadership ends'
+complete -c consul-leader -n "__fish_consul_leader_needs_command" -f -a "status" -d 'Show who holds a key, since when, and its fencing token'
+complete -c consul-leader -n "__fish_consul_leader_needs_command" -f -a "dev-agent" -d 'Start a single-node, in-memory Consul-compatible server for trying the tool and for tests'
+complete -c consul-leader -n "__fish_consul_leader_needs_command" -f -a "generate-docs" -d 'Write the man pages and shell completions (for packagers and for this repository)'
+complete -c consul-leader -n "__fish_consul_leader_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l key -d 'The Consul KV key to lock, for example `jobs/report`' -r
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l ttl -d 'Session TTL: how long Consul keeps the session without a renew (it really waits 2x)' -r
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l lock-delay -d 'Lock-delay: after this session is invalidated, Consul refuses the key to others this long' -r
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l silence -d 'Minimum gap between the previous leader\'s end and our command\'s start (skipped after a clean release)' -r
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l grace -d 'Time between the stop signal and SIGKILL' -r
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l stop-signal -d 'Signal that asks the command to stop, by name (TERM, INT, HUP, QUIT, USR1, ...)' -r
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l wait -d 'How long to try for the lock before giving up with the busy exit code; 0 tries once. Default: wait for ever' -r
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l check -d 'Bind this Consul check to the session (repeatable); when it goes critical, leadership ends' -r
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l on-lost -d 'What to do when leadership is lost while the command runs' -r -f -a "exit\t'Stop the command and exit with the lost exit code'
+recontend\t'Stop the command and contend for the lock again'"
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l busy-exit-code -d 'Exit code when the lock was not won within --wait' -r
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l lost-exit-code -d 'Exit code when leadership was lost while the command ran' -r
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l name -d 'Session name shown in Consul (default: consul-leader <key> on <host> pid <pid>)' -r
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l log-format -d 'Log line format on stderr' -r -f -a "text\t''
+json\t''"
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l http-addr -d 'Consul agent address: host:port, http://, https:// or unix:///path' -r
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l token -d 'ACL token (prefer --token-file; a token on the command line is visible in ps)' -r
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l token-file -d 'File holding the ACL token; wins over --token' -r -F
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l datacenter -d 'Datacenter to use instead of the agent\'s own (sent as ?dc=)' -r
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l shell -d 'Run the command through `sh -c` (one string) instead of executing it directly'
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l no-node-check -d 'Do not bind the node\'s serfHealth check to the session'
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -s q -l quiet -d 'Only print errors'
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -s V -l version -d 'Print version'
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -l key -d 'The Consul KV key to inspect' -r
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -l http-addr -d 'Consul agent address: host:port, http://, https:// or unix:///path' -r
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -l token -d 'ACL token (prefer --token-file; a token on the command line is visible in ps)' -r
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -l token-file -d 'File holding the ACL token; wins over --token' -r -F
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -l datacenter -d 'Datacenter to use instead of the agent\'s own (sent as ?dc=)' -r
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -l json -d 'Print one JSON object instead of text'
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -s h -l help -d 'Print help'
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -s V -l version -d 'Print version'
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand dev-agent" -l listen -d 'Address to listen on; port 0 picks a free port' -r
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand dev-agent" -l node -d 'Node name (default: the host name)' -r
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand dev-agent" -l datacenter -d 'Datacenter name' -r
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand dev-agent" -l session-ttl-min -d 'Smallest session TTL accepted (Consul\'s session_ttl_min); tests lower it' -r
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand dev-agent" -l acl-token -d 'Require this ACL token on every request; others get 403 Permission denied' -r
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand dev-agent" -s h -l help -d 'Print help'
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand dev-agent" -s V -l version -d 'Print version'
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand generate-docs" -l out-dir -d 'Directory to write `man/` and `completions/` into' -r -F
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand generate-docs" -s h -l help -d 'Print help'
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand generate-docs" -s V -l version -d 'Print version'
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand help; and not __fish_seen_subcommand_from run status dev-agent generate-docs help" -f -a "run" -d 'Win the lock on a key, run a command while it is held, stop it when leadership ends'
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand help; and not __fish_seen_subcommand_from run status dev-agent generate-docs help" -f -a "status" -d 'Show who holds a key, since when, and its fencing token'
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand help; and not __fish_seen_subcommand_from run status dev-agent generate-docs help" -f -a "dev-agent" -d 'Start a single-node, in-memory Consul-compatible server for trying the tool and for tests'
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand help; and not __fish_seen_subcommand_from run status dev-agent generate-docs help" -f -a "generate-docs" -d 'Write the man pages and shell completions (for packagers and for this repository)'
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand help; and not __fish_seen_subcommand_from run status dev-agent generate-docs help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
