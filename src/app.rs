@@ -21,6 +21,7 @@ use crate::config::RunConfig;
 use crate::consul::{Client, ConsulError, ConsulIndex, ReadOpts, SessionId, SessionRequest};
 use crate::election::{self, FreeWatch, HolderValue, KeyView};
 use crate::exit;
+use crate::notify;
 use crate::supervisor::{ChildSpec, Supervisor};
 use crate::wire::LOCK_FLAG_VALUE;
 
@@ -235,10 +236,23 @@ impl Leader {
                 self.cfg.ttl,
                 renew_tx,
             ));
+            let watchdog = notify::watchdog_interval().map(|every| {
+                tokio::spawn(ping_watchdog(
+                    every,
+                    renew_rx.clone(),
+                    self.cfg.ttl,
+                    self.cfg.grace,
+                ))
+            });
+            notify::ready(&format!("contending for {}", self.cfg.key));
             let end = self.term(&session, renew_rx, deadline).await;
             keeper.abort();
+            if let Some(w) = watchdog {
+                w.abort();
+            }
             match end {
                 TermEnd::Done(outcome) => {
+                    notify::stopping("stopping");
                     self.destroy_session(&session).await;
                     return outcome;
                 }
@@ -404,6 +418,7 @@ impl Leader {
                 "silence: the previous holder did not release cleanly; starting the command in {}",
                 humantime::format_duration(round_ms(left))
             );
+            notify::status("leader, waiting out the silence before starting the command");
             tokio::select! {
                 _ = sleep_until(until) => {}
                 reason = lost(&mut lost_rx, &mut renewals, &cfg) => return TermEnd::Lost(reason),
@@ -430,6 +445,11 @@ impl Leader {
             }
         };
         info!("started the command, pid {}", child.pid());
+        notify::status(&format!(
+            "leader since {}, child pid {}",
+            humantime::format_rfc3339_seconds(std::time::SystemTime::now()),
+            child.pid()
+        ));
 
         enum Why {
             Exited(u8),
@@ -467,6 +487,7 @@ impl Leader {
                 *sig
             }
         };
+        notify::status("stopping the command");
         let last_ok = renewals.borrow().last_ok_sent;
         let grace = election::effective_grace(
             cfg.grace,
@@ -654,6 +675,24 @@ async fn lost(
     }
 }
 
+/// Pings systemd's watchdog while the session renews: a wrapper whose session has gone past its
+/// fence deadline, or that cannot renew at all, stops pinging and lets systemd act.
+async fn ping_watchdog(
+    every: Duration,
+    renewals: watch::Receiver<Renewal>,
+    ttl: Duration,
+    grace: Duration,
+) {
+    loop {
+        let r = *renewals.borrow();
+        let fence = Instant::from_std(election::fence_at(r.last_ok_sent.into_std(), ttl, grace));
+        if !r.gone && Instant::now() < fence {
+            notify::watchdog();
+        }
+        sleep(every).await;
+    }
+}
+
 /// Renews the session every TTL/3 and reports each success (by its send time) or the session's end.
 /// Errors are retried with jittered backoff; they are not a loss by themselves: the leader's fence
 /// deadline decides that.
@@ -819,6 +858,7 @@ async fn contend(
                 let who = election::describe_holder(&other, holder.as_ref());
                 if announced.as_deref() != Some(who.as_str()) {
                     info!("waiting for the lock on {}: held by {who}", cfg.key);
+                    notify::status(&format!("standby, leader is {who}"));
                     announced = Some(who);
                 }
                 if expired(deadline) {

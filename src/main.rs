@@ -10,6 +10,7 @@ mod docs;
 mod election;
 mod exit;
 mod logging;
+mod notify;
 mod status;
 mod supervisor;
 mod wire;

@@ -9,8 +9,8 @@ use std::os::unix::process::ExitStatusExt;
 use std::time::Duration;
 
 use common::leader::{
-    DEADLINE, Fixture, WrapperBuilder, agent, lifetimes, lock_state, now_us, overlaps, read_env_file,
-    sessions_for,
+    DEADLINE, Fixture, WrapperBuilder, agent, lifetimes, lock_state, now_us, overlaps,
+    read_env_file, sessions_for,
 };
 use common::{Proc, wait_until};
 use nix::sys::signal::Signal;
@@ -23,7 +23,10 @@ fn exit_of(w: &mut Proc) -> std::process::ExitStatus {
 
 /// Count of journal events of `kind` with `detail`.
 fn count(events: &[common::leader::Event], kind: &str, detail: &str) -> usize {
-    events.iter().filter(|e| e.kind == kind && e.detail == detail).count()
+    events
+        .iter()
+        .filter(|e| e.kind == kind && e.detail == detail)
+        .count()
 }
 
 async fn assert_no_session(agent: &common::DevAgent, key: &str) {
@@ -39,7 +42,9 @@ async fn t1_exit_code_passes_through_and_release_is_clean() {
     let (agent, timing) = agent();
     let fx = Fixture::new();
     let key = agent.key("one");
-    let mut w = WrapperBuilder::new(&agent, &fx, &key, &timing).env("CL_CHILD_EXIT_CODE", "3").spawn();
+    let mut w = WrapperBuilder::new(&agent, &fx, &key, &timing)
+        .env("CL_CHILD_EXIT_CODE", "3")
+        .spawn();
     let st = exit_of(&mut w);
     assert_eq!(st.code(), Some(3), "{}", w.output_report());
     let (session, lock_index, value) = lock_state(&agent, "one").await.expect("the key exists");
@@ -55,10 +60,16 @@ async fn t1_signal_death_becomes_128_plus_n() {
     let (agent, timing) = agent();
     let fx = Fixture::new();
     let key = agent.key("sig");
-    let mut w =
-        WrapperBuilder::new(&agent, &fx, &key, &timing).env("CL_CHILD_KILL_SELF", "USR2").spawn();
+    let mut w = WrapperBuilder::new(&agent, &fx, &key, &timing)
+        .env("CL_CHILD_KILL_SELF", "USR2")
+        .spawn();
     let st = exit_of(&mut w);
-    assert_eq!(st.code(), Some(128 + Signal::SIGUSR2 as i32), "{}", w.output_report());
+    assert_eq!(
+        st.code(),
+        Some(128 + Signal::SIGUSR2 as i32),
+        "{}",
+        w.output_report()
+    );
     assert_no_session(&agent, &key).await;
 }
 
@@ -70,14 +81,22 @@ async fn t2_three_contenders_hand_over_cleanly_one_at_a_time() {
     let key = agent.key("three");
     // A silence far longer than the deadlines below: a handover that waited it would time out.
     let mut wrappers: Vec<Proc> = (0..3)
-        .map(|_| WrapperBuilder::new(&agent, &fx, &key, &timing).flag("--silence", "10m").spawn())
+        .map(|_| {
+            WrapperBuilder::new(&agent, &fx, &key, &timing)
+                .flag("--silence", "10m")
+                .spawn()
+        })
         .collect();
     for round in 1..=3 {
         let events = fx.wait_journal(&format!("child number {round} started"), |ev| {
             ev.iter().filter(|e| e.is_main_start()).count() >= round
         });
         let starts: Vec<_> = events.iter().filter(|e| e.is_main_start()).collect();
-        assert_eq!(starts.len(), round, "exactly one more child started: {events:?}");
+        assert_eq!(
+            starts.len(),
+            round,
+            "exactly one more child started: {events:?}"
+        );
         let fencing = lock_state(&agent, "three").await.unwrap().1;
         assert_eq!(fencing, round as u64, "each new holder bumps LockIndex");
         // Find the leading wrapper (the parent of the running child) and stop it.
@@ -89,12 +108,21 @@ async fn t2_three_contenders_hand_over_cleanly_one_at_a_time() {
         let mut w = wrappers.remove(leader);
         w.signal(Signal::SIGTERM);
         let st = exit_of(&mut w);
-        assert_eq!(st.signal(), Some(Signal::SIGTERM as i32), "{}", w.output_report());
+        assert_eq!(
+            st.signal(),
+            Some(Signal::SIGTERM as i32),
+            "{}",
+            w.output_report()
+        );
     }
     let events = fx.events();
     let lives = lifetimes(&events, &BTreeMap::new());
     assert_eq!(lives.len(), 3);
-    assert!(overlaps(&lives).is_empty(), "children overlapped: {:?}", overlaps(&lives));
+    assert!(
+        overlaps(&lives).is_empty(),
+        "children overlapped: {:?}",
+        overlaps(&lives)
+    );
     assert_no_session(&agent, &key).await;
     fx.wait_none_left(DEADLINE);
 }
@@ -112,14 +140,20 @@ async fn t3_session_destroy_stops_the_child_and_exits_lost() {
     let fx = Fixture::new();
     let key = agent.key("destroy");
     let mut w = WrapperBuilder::new(&agent, &fx, &key, &timing).spawn();
-    fx.wait_journal("the child started", |ev| ev.iter().any(|e| e.is_main_start()));
+    fx.wait_journal("the child started", |ev| {
+        ev.iter().any(|e| e.is_main_start())
+    });
     let (session, _, _) = lock_state(&agent, "destroy").await.unwrap();
     agent.destroy_session(&session.expect("held")).await;
     let events = fx.wait_journal("the child got TERM", |ev| count(ev, "signal", "TERM") >= 1);
     assert_eq!(count(&events, "signal", "TERM"), 1);
     let st = exit_of(&mut w);
     assert_eq!(st.code(), Some(76), "{}", w.output_report());
-    assert!(w.stderr_text().contains("lost leadership"), "{}", w.stderr_text());
+    assert!(
+        w.stderr_text().contains("lost leadership"),
+        "{}",
+        w.stderr_text()
+    );
     assert_no_session(&agent, &key).await;
     fx.wait_none_left(DEADLINE);
 }
@@ -129,14 +163,22 @@ async fn t3_recontend_leads_again_after_a_loss() {
     let (agent, timing) = agent();
     let fx = Fixture::new();
     let key = agent.key("again");
-    let mut w = WrapperBuilder::new(&agent, &fx, &key, &timing).flag("--on-lost", "recontend").spawn();
-    fx.wait_journal("the child started", |ev| ev.iter().any(|e| e.is_main_start()));
+    let mut w = WrapperBuilder::new(&agent, &fx, &key, &timing)
+        .flag("--on-lost", "recontend")
+        .spawn();
+    fx.wait_journal("the child started", |ev| {
+        ev.iter().any(|e| e.is_main_start())
+    });
     let (session, _, _) = lock_state(&agent, "again").await.unwrap();
     agent.destroy_session(&session.unwrap()).await;
     let events = fx.wait_journal("a second child started", |ev| {
         ev.iter().filter(|e| e.is_main_start()).count() >= 2
     });
-    assert!(w.try_status().is_none(), "the wrapper stays: {}", w.output_report());
+    assert!(
+        w.try_status().is_none(),
+        "the wrapper stays: {}",
+        w.output_report()
+    );
     let lives = lifetimes(&events, &BTreeMap::new());
     assert!(overlaps(&lives).is_empty(), "{:?}", overlaps(&lives));
     let (_, lock_index, _) = lock_state(&agent, "again").await.unwrap();
@@ -158,20 +200,33 @@ async fn t4_stubborn_tree_is_killed_before_the_release() {
         .env("CL_CHILD_EXIT_ON", "")
         .env("CL_CHILD_GRANDCHILDREN", "ignore-term setsid")
         .spawn();
-    fx.wait_journal("the child started", |ev| ev.iter().any(|e| e.is_main_start()));
+    fx.wait_journal("the child started", |ev| {
+        ev.iter().any(|e| e.is_main_start())
+    });
     assert_eq!(fx.live().len(), 3, "child and two grandchildren");
     w.signal(Signal::SIGTERM);
     // The moment the key shows released, nothing of the tree may be alive.
     wait_until("the key is released", DEADLINE, || async {
-        let released = lock_state(&agent, "tree").await.is_some_and(|s| s.0.is_none());
+        let released = lock_state(&agent, "tree")
+            .await
+            .is_some_and(|s| s.0.is_none());
         if released {
-            assert!(fx.live().is_empty(), "released while processes live: {:?}", fx.live());
+            assert!(
+                fx.live().is_empty(),
+                "released while processes live: {:?}",
+                fx.live()
+            );
         }
         released
     })
     .await;
     let st = exit_of(&mut w);
-    assert_eq!(st.signal(), Some(Signal::SIGTERM as i32), "{}", w.output_report());
+    assert_eq!(
+        st.signal(),
+        Some(Signal::SIGTERM as i32),
+        "{}",
+        w.output_report()
+    );
     fx.wait_none_left(Duration::from_secs(1));
     assert_no_session(&agent, &key).await;
 }
@@ -185,7 +240,9 @@ async fn signal_in_phase(phase: &str, sig: Signal) {
     let mut holder: Option<String> = None;
     match phase {
         "waiting" => {
-            let s = agent.create_session(serde_json::json!({"TTL": "60s", "Name": "other"})).await;
+            let s = agent
+                .create_session(serde_json::json!({"TTL": "60s", "Name": "other"}))
+                .await;
             assert!(agent.acquire(&name, &s, b"x").await);
             holder = Some(s);
         }
@@ -195,7 +252,10 @@ async fn signal_in_phase(phase: &str, sig: Signal) {
             let s = agent
                 .create_session(serde_json::json!({"LockDelay": "0s", "Name": "gone"}))
                 .await;
-            let path = format!("{}?acquire={s}&flags=3304740253564472344", agent.kv_path(&name));
+            let path = format!(
+                "{}?acquire={s}&flags=3304740253564472344",
+                agent.kv_path(&name)
+            );
             assert!(agent.put(&path, b"{}".to_vec()).await.expect_bool());
             agent.destroy_session(&s).await;
         }
@@ -219,7 +279,9 @@ async fn signal_in_phase(phase: &str, sig: Signal) {
             common::wait_until_sync(what, DEADLINE, || w.stderr_text().contains("silence:"));
         }
         _ => {
-            fx.wait_journal("the child started", |ev| ev.iter().any(|e| e.is_main_start()));
+            fx.wait_journal("the child started", |ev| {
+                ev.iter().any(|e| e.is_main_start())
+            });
         }
     }
     if phase == "stopping" {
@@ -229,10 +291,22 @@ async fn signal_in_phase(phase: &str, sig: Signal) {
     }
     w.signal(sig);
     let st = exit_of(&mut w);
-    let expected = if phase == "stopping" { Signal::SIGTERM } else { sig };
-    assert_eq!(st.signal(), Some(expected as i32), "{phase}/{sig}: {}", w.output_report());
+    let expected = if phase == "stopping" {
+        Signal::SIGTERM
+    } else {
+        sig
+    };
+    assert_eq!(
+        st.signal(),
+        Some(expected as i32),
+        "{phase}/{sig}: {}",
+        w.output_report()
+    );
     if phase == "waiting" || phase == "silence" {
-        assert!(fx.events().iter().all(|e| !e.is_main_start()), "no child may start");
+        assert!(
+            fx.events().iter().all(|e| !e.is_main_start()),
+            "no child may start"
+        );
     }
     fx.wait_none_left(DEADLINE);
     assert_no_session(&agent, &key).await;
@@ -276,9 +350,13 @@ async fn t6_wait_zero_on_a_held_key_exits_busy() {
     let (agent, timing) = agent();
     let fx = Fixture::new();
     let key = agent.key("busy");
-    let s = agent.create_session(serde_json::json!({"TTL": "60s", "Name": "other"})).await;
+    let s = agent
+        .create_session(serde_json::json!({"TTL": "60s", "Name": "other"}))
+        .await;
     assert!(agent.acquire("busy", &s, b"x").await);
-    let mut w = WrapperBuilder::new(&agent, &fx, &key, &timing).flag("--wait", "0").spawn();
+    let mut w = WrapperBuilder::new(&agent, &fx, &key, &timing)
+        .flag("--wait", "0")
+        .spawn();
     let st = exit_of(&mut w);
     assert_eq!(st.code(), Some(75), "{}", w.output_report());
     assert!(fx.events().is_empty(), "nothing was started");
@@ -297,9 +375,13 @@ async fn t7_sigkilled_leader_takes_its_child_along_and_the_next_waits() {
         .env("CL_CHILD_GRANDCHILDREN", "ignore-term")
         .flag("--silence", "2s")
         .spawn();
-    let events = fx.wait_journal("the first child started", |ev| ev.iter().any(|e| e.is_main_start()));
+    let events = fx.wait_journal("the first child started", |ev| {
+        ev.iter().any(|e| e.is_main_start())
+    });
     let first_child = events.iter().find(|e| e.is_main_start()).unwrap().pid;
-    let mut second = WrapperBuilder::new(&agent, &fx, &key, &timing).flag("--silence", "2s").spawn();
+    let mut second = WrapperBuilder::new(&agent, &fx, &key, &timing)
+        .flag("--silence", "2s")
+        .spawn();
     common::wait_until_sync("the second wrapper waits", DEADLINE, || {
         second.stderr_text().contains("waiting for the lock")
     });
@@ -313,7 +395,9 @@ async fn t7_sigkilled_leader_takes_its_child_along_and_the_next_waits() {
     // Watch for the moment Consul frees the key (the session expires after up to 2 x TTL).
     let mut freed_at = 0;
     wait_until("the key is freed by session expiry", DEADLINE, || async {
-        let free = lock_state(&agent, "kill").await.is_some_and(|s| s.0.is_none() || s.1 >= 2);
+        let free = lock_state(&agent, "kill")
+            .await
+            .is_some_and(|s| s.0.is_none() || s.1 >= 2);
         if free && freed_at == 0 {
             freed_at = now_us();
         }
@@ -323,8 +407,16 @@ async fn t7_sigkilled_leader_takes_its_child_along_and_the_next_waits() {
     let events = fx.wait_journal("the second child started", |ev| {
         ev.iter().filter(|e| e.is_main_start()).count() >= 2
     });
-    let second_start = events.iter().filter(|e| e.is_main_start()).nth(1).unwrap().time_us;
-    assert!(second_start > killed_at, "the second child started after the first died");
+    let second_start = events
+        .iter()
+        .filter(|e| e.is_main_start())
+        .nth(1)
+        .unwrap()
+        .time_us;
+    assert!(
+        second_start > killed_at,
+        "the second child started after the first died"
+    );
     // Lower bound: silence (2s) counted from when the second wrapper first saw the key free, which
     // is no earlier than the expiry, which is at least TTL after the first's last renew. Our own
     // `freed_at` observation comes after the real expiry, so allow its polling delay.
@@ -334,7 +426,11 @@ async fn t7_sigkilled_leader_takes_its_child_along_and_the_next_waits() {
         gap + poll_slack >= 2_000_000,
         "the second child started {gap}us after the key was freed; silence is 2s"
     );
-    assert!(fx.events().iter().any(|e| e.is_main_start() && e.pid != first_child));
+    assert!(
+        fx.events()
+            .iter()
+            .any(|e| e.is_main_start() && e.pid != first_child)
+    );
     second.signal(Signal::SIGTERM);
     let _ = exit_of(&mut second);
     fx.wait_none_left(DEADLINE);
@@ -364,7 +460,11 @@ async fn t8_missing_and_unexecutable_commands() {
         .spawn();
     let st = exit_of(&mut w);
     assert_eq!(st.code(), Some(126), "{}", w.output_report());
-    assert!(w.stderr_text().contains("cannot be executed"), "{}", w.stderr_text());
+    assert!(
+        w.stderr_text().contains("cannot be executed"),
+        "{}",
+        w.stderr_text()
+    );
     assert_no_session(&agent, &key).await;
 }
 
@@ -385,12 +485,23 @@ async fn t9_signals_are_forwarded_and_the_fencing_token_grows() {
             ev.iter().filter(|e| e.is_main_start()).count() > round
         });
         w.signal(Signal::SIGUSR1);
-        fx.wait_journal("USR1 reached the child", |ev| count(ev, "signal", "USR1") > round);
+        fx.wait_journal("USR1 reached the child", |ev| {
+            count(ev, "signal", "USR1") > round
+        });
         let env = read_env_file(&env_file);
         assert_eq!(env.get("CONSUL_LEADER_KEY"), Some(&key));
-        assert_eq!(env.get("CONSUL_LOCK_HELD").map(String::as_str), Some("true"));
-        assert!(env.get("CONSUL_LEADER_SESSION").is_some_and(|s| s.len() == 36));
-        assert!(!env.contains_key("CONSUL_HTTP_TOKEN"), "token variables are removed");
+        assert_eq!(
+            env.get("CONSUL_LOCK_HELD").map(String::as_str),
+            Some("true")
+        );
+        assert!(
+            env.get("CONSUL_LEADER_SESSION")
+                .is_some_and(|s| s.len() == 36)
+        );
+        assert!(
+            !env.contains_key("CONSUL_HTTP_TOKEN"),
+            "token variables are removed"
+        );
         let token: u64 = env["CONSUL_LEADER_FENCING_TOKEN"].parse().unwrap();
         tokens.push(token);
         w.signal(Signal::SIGTERM);
