@@ -6,6 +6,7 @@
 //! (classification, silence, fencing deadline, backoff) live in `election`; this module performs
 //! the I/O and keeps every await interruptible by the wrapper's signals.
 
+use std::cell::Cell;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -421,7 +422,10 @@ impl Leader {
             notify::status("leader, waiting out the silence before starting the command");
             tokio::select! {
                 _ = sleep_until(until) => {}
-                reason = lost(&mut lost_rx, &mut renewals, &cfg) => return TermEnd::Lost(reason),
+                reason = lost(&mut lost_rx, &mut renewals, &cfg) => {
+                    error!("lost leadership on {} during the silence: {reason}", cfg.key);
+                    return TermEnd::Lost(reason);
+                }
                 sig = self.signals.next_stop() => {
                     self.release(session, &value).await;
                     return TermEnd::Done(Outcome::Signal(sig));
@@ -495,30 +499,49 @@ impl Leader {
             cfg.ttl,
             std::time::Instant::now(),
         );
+        // While the group stops: a stop signal makes the wrapper exit afterwards (even after a
+        // loss with --on-lost recontend), and a second TERM or INT, counting the one that started
+        // the stop, skips the rest of the grace.
+        let requested: Cell<Option<Signal>> = Cell::new(None);
+        let mut hurries = usize::from(matches!(why, Why::Signal(Signal::SIGTERM | Signal::SIGINT)));
         let signals = &mut self.signals;
-        let hurry = async move {
+        let hurry = async {
             loop {
                 let sig = signals.recv().await;
+                if !STOP_SIGNALS.contains(&sig) {
+                    continue;
+                }
+                if requested.get().is_none() {
+                    requested.set(Some(sig));
+                }
                 if sig == Signal::SIGTERM || sig == Signal::SIGINT {
-                    info!("received {sig} again; skipping the grace period");
-                    return;
+                    hurries += 1;
+                    if hurries >= 2 {
+                        info!("received {sig} again; skipping the grace period");
+                        return;
+                    }
                 }
             }
         };
-        let status = child.stop(stop_signal, grace, hurry).await;
+        child.stop(stop_signal, grace, hurry).await;
         info!("the command's process group is gone");
 
-        match why {
-            Why::Exited(code) => {
+        let by_signal = match why {
+            Why::Signal(sig) => Some(sig),
+            _ => requested.get(),
+        };
+        match (why, by_signal) {
+            (Why::Lost(reason), None) => TermEnd::Lost(reason),
+            (Why::Lost(_), Some(sig)) => TermEnd::Done(Outcome::Signal(sig)),
+            (_, Some(sig)) => {
+                self.release(session, &value).await;
+                TermEnd::Done(Outcome::Signal(sig))
+            }
+            (Why::Exited(code), None) => {
                 self.release(session, &value).await;
                 TermEnd::Done(Outcome::Code(code))
             }
-            Why::Signal(sig) => {
-                self.release(session, &value).await;
-                let _ = status;
-                TermEnd::Done(Outcome::Signal(sig))
-            }
-            Why::Lost(reason) => TermEnd::Lost(reason),
+            (Why::Signal(_), None) => unreachable!("a signal stop always has its signal"),
         }
     }
 

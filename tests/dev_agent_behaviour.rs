@@ -665,7 +665,11 @@ async fn acl_missing_or_wrong_token_is_403() {
             if method == "PUT" {
                 // Session create decodes its body in the HTTP handler, before the RPC checks the
                 // token, so it needs valid JSON to reach the ACL check at all.
-                let body = if path.contains("/session/") { "{}" } else { "x" };
+                let body = if path.contains("/session/") {
+                    "{}"
+                } else {
+                    "x"
+                };
                 req = req.body(body);
             }
             let r = req.send().await;
