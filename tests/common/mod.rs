@@ -30,6 +30,8 @@ use nix::unistd::Pid;
 use reqwest::header::HeaderMap;
 use serde_json::{Value, json};
 
+pub mod proxy;
+
 /// The environment variable that points the suite at a real Consul agent (`host:port` or
 /// `http://host:port`) instead of a dev agent of our own.
 pub const TEST_ADDR_ENV: &str = "CONSUL_LEADER_TEST_ADDR";
