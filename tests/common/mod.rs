@@ -30,6 +30,7 @@ use nix::unistd::Pid;
 use reqwest::header::HeaderMap;
 use serde_json::{Value, json};
 
+pub mod leader;
 pub mod proxy;
 
 /// The environment variable that points the suite at a real Consul agent (`host:port` or
