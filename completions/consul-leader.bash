@@ -203,7 +203,7 @@ _consul__leader() {
             return 0
             ;;
         consul__subcmd__leader__subcmd__run)
-            opts="-q -h -V --key --ttl --lock-delay --silence --grace --stop-signal --wait --shell --check --no-node-check --on-lost --busy-exit-code --lost-exit-code --name --quiet --log-format --http-addr --token --token-file --datacenter --help --version"
+            opts="-q -h -V --key --ttl --lock-delay --silence --grace --stop-signal --wait --shell --check --no-node-check --on-lost --busy-exit-code --lost-exit-code --name --quiet --log-format --http-addr --token --token-file --datacenter --ca-file --ca-path --client-cert --client-key --tls-server-name --namespace --partition --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -277,6 +277,34 @@ _consul__leader() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --ca-file)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --ca-path)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --client-cert)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --client-key)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --tls-server-name)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --namespace)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --partition)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -285,7 +313,7 @@ _consul__leader() {
             return 0
             ;;
         consul__subcmd__leader__subcmd__status)
-            opts="-h -V --key --json --http-addr --token --token-file --datacenter --help --version"
+            opts="-h -V --key --json --http-addr --token --token-file --datacenter --ca-file --ca-path --client-cert --client-key --tls-server-name --namespace --partition --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -308,6 +336,34 @@ _consul__leader() {
                     return 0
                     ;;
                 --datacenter)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --ca-file)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --ca-path)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --client-cert)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --client-key)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --tls-server-name)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --namespace)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --partition)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -47,9 +47,16 @@ complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l name
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l log-format -d 'Log line format on stderr' -r -f -a "text\t''
 json\t''"
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l http-addr -d 'Consul agent address: host:port, http://, https:// or unix:///path' -r
-complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l token -d 'ACL token (prefer --token-file; a token on the command line is visible in ps)' -r
-complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l token-file -d 'File holding the ACL token; wins over --token' -r -F
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l token -d 'ACL token (prefer --token-file: a token on the command line is visible in ps). Precedence, as in Consul\'s CLI: --token-file, --token, CONSUL_HTTP_TOKEN_FILE, CONSUL_HTTP_TOKEN' -r
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l token-file -d 'File holding the ACL token' -r -F
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l datacenter -d 'Datacenter to use instead of the agent\'s own (sent as ?dc=)' -r
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l ca-file -d 'CA certificate file (PEM) to verify the agent\'s TLS certificate with' -r -F
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l ca-path -d 'Directory of CA certificates (PEM) to verify the agent\'s TLS certificate with' -r -F
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l client-cert -d 'Client certificate (PEM) for agents that require TLS client authentication' -r -F
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l client-key -d 'Private key (PEM) of the client certificate' -r -F
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l tls-server-name -d 'Name to verify the agent\'s certificate against (and send as SNI), if not the address\'s host' -r
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l namespace -d 'Enterprise namespace (sent as ?ns=); Consul CE refuses it' -r
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l partition -d 'Enterprise admin partition (sent as ?partition=); Consul CE refuses it' -r
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l shell -d 'Run the command through `sh -c` (one string) instead of executing it directly'
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l no-node-check -d 'Do not bind the node\'s serfHealth check to the session'
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -s q -l quiet -d 'Only print errors'
@@ -57,9 +64,16 @@ complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -s h -l
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -s V -l version -d 'Print version'
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -l key -d 'The Consul KV key to inspect' -r
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -l http-addr -d 'Consul agent address: host:port, http://, https:// or unix:///path' -r
-complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -l token -d 'ACL token (prefer --token-file; a token on the command line is visible in ps)' -r
-complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -l token-file -d 'File holding the ACL token; wins over --token' -r -F
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -l token -d 'ACL token (prefer --token-file: a token on the command line is visible in ps). Precedence, as in Consul\'s CLI: --token-file, --token, CONSUL_HTTP_TOKEN_FILE, CONSUL_HTTP_TOKEN' -r
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -l token-file -d 'File holding the ACL token' -r -F
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -l datacenter -d 'Datacenter to use instead of the agent\'s own (sent as ?dc=)' -r
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -l ca-file -d 'CA certificate file (PEM) to verify the agent\'s TLS certificate with' -r -F
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -l ca-path -d 'Directory of CA certificates (PEM) to verify the agent\'s TLS certificate with' -r -F
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -l client-cert -d 'Client certificate (PEM) for agents that require TLS client authentication' -r -F
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -l client-key -d 'Private key (PEM) of the client certificate' -r -F
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -l tls-server-name -d 'Name to verify the agent\'s certificate against (and send as SNI), if not the address\'s host' -r
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -l namespace -d 'Enterprise namespace (sent as ?ns=); Consul CE refuses it' -r
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -l partition -d 'Enterprise admin partition (sent as ?partition=); Consul CE refuses it' -r
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -l json -d 'Print one JSON object instead of text'
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -s h -l help -d 'Print help'
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -s V -l version -d 'Print version'

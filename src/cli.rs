@@ -65,31 +65,87 @@ pub struct ConsulArgs {
         long,
         env = "CONSUL_HTTP_ADDR",
         value_name = "ADDR",
-        default_value = "127.0.0.1:8500"
+        default_value = "127.0.0.1:8500",
+        hide_env_values = true
     )]
     pub http_addr: String,
 
-    /// ACL token (prefer --token-file; a token on the command line is visible in ps).
-    #[arg(
-        long,
-        env = "CONSUL_HTTP_TOKEN",
-        value_name = "TOKEN",
-        hide_env_values = true
-    )]
+    /// ACL token (prefer --token-file: a token on the command line is visible in ps).
+    /// Precedence, as in Consul's CLI: --token-file, --token, CONSUL_HTTP_TOKEN_FILE,
+    /// CONSUL_HTTP_TOKEN.
+    #[arg(long, value_name = "TOKEN")]
     pub token: Option<String>,
 
-    /// File holding the ACL token; wins over --token.
-    #[arg(
-        long,
-        env = "CONSUL_HTTP_TOKEN_FILE",
-        value_name = "PATH",
-        hide_env_values = true
-    )]
+    /// File holding the ACL token.
+    #[arg(long, value_name = "PATH")]
     pub token_file: Option<PathBuf>,
 
     /// Datacenter to use instead of the agent's own (sent as ?dc=).
     #[arg(long, value_name = "NAME")]
     pub datacenter: Option<String>,
+
+    /// CA certificate file (PEM) to verify the agent's TLS certificate with.
+    #[arg(
+        long,
+        env = "CONSUL_CACERT",
+        value_name = "PATH",
+        hide_env_values = true
+    )]
+    pub ca_file: Option<PathBuf>,
+
+    /// Directory of CA certificates (PEM) to verify the agent's TLS certificate with.
+    #[arg(
+        long,
+        env = "CONSUL_CAPATH",
+        value_name = "DIR",
+        hide_env_values = true
+    )]
+    pub ca_path: Option<PathBuf>,
+
+    /// Client certificate (PEM) for agents that require TLS client authentication.
+    #[arg(
+        long,
+        env = "CONSUL_CLIENT_CERT",
+        value_name = "PATH",
+        hide_env_values = true
+    )]
+    pub client_cert: Option<PathBuf>,
+
+    /// Private key (PEM) of the client certificate.
+    #[arg(
+        long,
+        env = "CONSUL_CLIENT_KEY",
+        value_name = "PATH",
+        hide_env_values = true
+    )]
+    pub client_key: Option<PathBuf>,
+
+    /// Name to verify the agent's certificate against (and send as SNI), if not the address's host.
+    #[arg(
+        long,
+        env = "CONSUL_TLS_SERVER_NAME",
+        value_name = "NAME",
+        hide_env_values = true
+    )]
+    pub tls_server_name: Option<String>,
+
+    /// Enterprise namespace (sent as ?ns=); Consul CE refuses it.
+    #[arg(
+        long,
+        env = "CONSUL_NAMESPACE",
+        value_name = "NAME",
+        hide_env_values = true
+    )]
+    pub namespace: Option<String>,
+
+    /// Enterprise admin partition (sent as ?partition=); Consul CE refuses it.
+    #[arg(
+        long,
+        env = "CONSUL_PARTITION",
+        value_name = "NAME",
+        hide_env_values = true
+    )]
+    pub partition: Option<String>,
 }
 
 /// Options of `consul-leader run`.

@@ -4,6 +4,7 @@
 //! reported as one line that says what to change (exit code 2). Nothing after this point fails on
 //! bad input.
 
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -23,12 +24,32 @@ fn bad(msg: impl Into<String>) -> ConfigError {
 /// How to reach Consul.
 #[derive(Clone)]
 pub struct ConsulConfig {
-    /// `scheme://host:port` plus any path prefix, without a trailing slash.
+    /// `scheme://host:port` plus any path prefix, without a trailing slash. For a unix socket,
+    /// `http://localhost` (the Host header Consul's client sends).
     pub base_url: String,
     /// What the user gave, for error messages ("cannot reach the Consul agent at ...").
     pub addr_display: String,
+    pub unix_socket: Option<PathBuf>,
     pub token: Option<String>,
     pub datacenter: Option<String>,
+    pub namespace: Option<String>,
+    pub partition: Option<String>,
+    /// HTTP basic auth from `CONSUL_HTTP_AUTH` (`user:pass`).
+    pub basic_auth: Option<(String, String)>,
+    pub tls: TlsConfig,
+}
+
+/// TLS settings, with the certificate files already read and checked.
+#[derive(Clone, Default)]
+pub struct TlsConfig {
+    /// CA certificates (PEM) to trust instead of the system's roots.
+    pub ca_pems: Vec<Vec<u8>>,
+    /// Client certificate followed by its key (PEM), for mutual TLS.
+    pub identity_pem: Option<Vec<u8>>,
+    /// Verify the agent's certificate against this name instead of the address's host.
+    pub server_name: Option<String>,
+    /// `CONSUL_HTTP_SSL_VERIFY=false`: accept any certificate.
+    pub insecure: bool,
 }
 
 impl std::fmt::Debug for ConsulConfig {
@@ -36,39 +57,158 @@ impl std::fmt::Debug for ConsulConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ConsulConfig")
             .field("base_url", &self.base_url)
+            .field("unix_socket", &self.unix_socket)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("datacenter", &self.datacenter)
-            .finish()
+            .field(
+                "basic_auth",
+                &self.basic_auth.as_ref().map(|_| "<redacted>"),
+            )
+            .finish_non_exhaustive()
     }
+}
+
+fn env_nonempty(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+fn env_bool(name: &str) -> Result<Option<bool>, ConfigError> {
+    match env_nonempty(name) {
+        None => Ok(None),
+        Some(v) => parse_go_bool(&v)
+            .map(Some)
+            .ok_or_else(|| bad(format!("{name}={v} is not a boolean; use true or false"))),
+    }
+}
+
+fn read_file(path: &Path, what: &str, setting: &str) -> Result<Vec<u8>, ConfigError> {
+    std::fs::read(path).map_err(|e| {
+        bad(format!(
+            "cannot read the {what} {}: {e}; check {setting}",
+            path.display()
+        ))
+    })
+}
+
+fn read_token(path: &Path, setting: &str) -> Result<String, ConfigError> {
+    let bytes = read_file(path, "token file", setting)?;
+    Ok(String::from_utf8_lossy(&bytes).trim().to_string())
 }
 
 impl ConsulConfig {
     pub fn from_args(args: &ConsulArgs) -> Result<Self, ConfigError> {
-        let ssl = std::env::var("CONSUL_HTTP_SSL")
-            .ok()
-            .and_then(|v| parse_go_bool(&v))
-            .unwrap_or(false);
-        let base_url = parse_address(&args.http_addr, ssl)?;
-        // Consul's precedence: a token file wins over a token (design §2, consul-api.md §7.3).
-        let token = match &args.token_file {
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|e| {
-                    bad(format!(
-                        "cannot read the token file {}: {e}; check --token-file / CONSUL_HTTP_TOKEN_FILE",
-                        path.display()
-                    ))
-                })?;
-                Some(text.trim().to_string())
-            }
-            None => args.token.clone(),
+        let ssl = env_bool("CONSUL_HTTP_SSL")?.unwrap_or(false);
+        let insecure = !env_bool("CONSUL_HTTP_SSL_VERIFY")?.unwrap_or(true);
+        let (base_url, unix_socket) = parse_address(&args.http_addr, ssl)?;
+        // Consul's precedence (consul-api.md §7.3): flags before the environment, and a token
+        // file before a token at each level.
+        let token = if let Some(path) = &args.token_file {
+            Some(read_token(path, "--token-file")?)
+        } else if let Some(token) = &args.token {
+            Some(token.clone())
+        } else if let Some(path) = env_nonempty("CONSUL_HTTP_TOKEN_FILE") {
+            Some(read_token(Path::new(&path), "CONSUL_HTTP_TOKEN_FILE")?)
+        } else {
+            env_nonempty("CONSUL_HTTP_TOKEN")
         }
         .filter(|t| !t.is_empty());
-        let datacenter = args.datacenter.clone().filter(|d| !d.is_empty());
+        let basic_auth = env_nonempty("CONSUL_HTTP_AUTH").map(|v| match v.split_once(':') {
+            Some((user, pass)) => (user.to_string(), pass.to_string()),
+            None => (v, String::new()),
+        });
         Ok(Self {
             base_url,
             addr_display: args.http_addr.clone(),
+            unix_socket,
             token,
-            datacenter,
+            datacenter: args.datacenter.clone().filter(|d| !d.is_empty()),
+            namespace: args.namespace.clone().filter(|n| !n.is_empty()),
+            partition: args.partition.clone().filter(|p| !p.is_empty()),
+            basic_auth,
+            tls: TlsConfig::from_args(args, insecure)?,
+        })
+    }
+}
+
+impl TlsConfig {
+    fn from_args(args: &ConsulArgs, insecure: bool) -> Result<Self, ConfigError> {
+        let mut ca_pems = Vec::new();
+        if let Some(path) = &args.ca_file {
+            ca_pems.push(read_file(
+                path,
+                "CA certificate",
+                "--ca-file / CONSUL_CACERT",
+            )?);
+        }
+        if let Some(dir) = &args.ca_path {
+            let entries = std::fs::read_dir(dir).map_err(|e| {
+                bad(format!(
+                    "cannot read the CA directory {}: {e}; check --ca-path / CONSUL_CAPATH",
+                    dir.display()
+                ))
+            })?;
+            let mut files: Vec<PathBuf> = entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.is_file())
+                .collect();
+            files.sort();
+            for file in files {
+                ca_pems.push(read_file(
+                    &file,
+                    "CA certificate",
+                    "--ca-path / CONSUL_CAPATH",
+                )?);
+            }
+        }
+        for pem in &ca_pems {
+            match reqwest::Certificate::from_pem_bundle(pem) {
+                Ok(certs) if !certs.is_empty() => {}
+                _ => {
+                    return Err(bad(
+                        "a CA file holds no PEM certificate; check --ca-file / --ca-path (CONSUL_CACERT / CONSUL_CAPATH)",
+                    ));
+                }
+            }
+        }
+        let identity_pem = match (&args.client_cert, &args.client_key) {
+            (Some(cert), Some(key)) => {
+                let mut pem = read_file(
+                    cert,
+                    "client certificate",
+                    "--client-cert / CONSUL_CLIENT_CERT",
+                )?;
+                pem.push(b'\n');
+                pem.extend(read_file(
+                    key,
+                    "client key",
+                    "--client-key / CONSUL_CLIENT_KEY",
+                )?);
+                reqwest::Identity::from_pem(&pem).map_err(|e| {
+                    bad(format!(
+                        "the client certificate or key is not valid PEM ({e}); check --client-cert and --client-key"
+                    ))
+                })?;
+                Some(pem)
+            }
+            (None, None) => None,
+            _ => {
+                return Err(bad(
+                    "both client cert and client key must be provided (--client-cert and --client-key, or CONSUL_CLIENT_CERT and CONSUL_CLIENT_KEY)",
+                ));
+            }
+        };
+        // Consul drops any :port from the server name.
+        let server_name = args
+            .tls_server_name
+            .as_deref()
+            .map(|n| n.rsplit_once(':').map_or(n, |(host, _)| host).to_string())
+            .filter(|n| !n.is_empty());
+        Ok(Self {
+            ca_pems,
+            identity_pem,
+            server_name,
+            insecure,
         })
     }
 }
@@ -82,8 +222,9 @@ fn parse_go_bool(v: &str) -> Option<bool> {
     }
 }
 
-/// Address forms of Consul's own client: `host:port`, `http://…`, `https://…` (consul-api.md §7.2).
-fn parse_address(addr: &str, ssl: bool) -> Result<String, ConfigError> {
+/// Address forms of Consul's own client: `host:port`, `http://…`, `https://…`, `unix:///path`
+/// (consul-api.md §7.2). Returns the base URL and the unix socket, if any.
+fn parse_address(addr: &str, ssl: bool) -> Result<(String, Option<PathBuf>), ConfigError> {
     let addr = addr.trim();
     if addr.is_empty() {
         return Err(bad(
@@ -95,14 +236,17 @@ fn parse_address(addr: &str, ssl: bool) -> Result<String, ConfigError> {
         // An http:// address never downgrades a CONSUL_HTTP_SSL=true setting, as in Consul's client.
         Some(("http", rest)) => (if ssl { "https" } else { "http" }, rest),
         Some(("https", rest)) => ("https", rest),
-        Some(("unix", _)) => {
-            return Err(bad(format!(
-                "unix socket addresses are not supported yet ({addr}); use host:port"
-            )));
+        Some(("unix", path)) => {
+            if !path.starts_with('/') {
+                return Err(bad(format!(
+                    "the unix socket address {addr} needs an absolute path, e.g. unix:///run/consul.sock"
+                )));
+            }
+            return Ok(("http://localhost".to_string(), Some(PathBuf::from(path))));
         }
         Some((other, _)) => {
             return Err(bad(format!(
-                "unknown protocol scheme `{other}` in Consul address {addr}; use host:port, http:// or https://"
+                "unknown protocol scheme `{other}` in Consul address {addr}; use host:port, http://, https:// or unix://"
             )));
         }
     };
@@ -112,7 +256,7 @@ fn parse_address(addr: &str, ssl: bool) -> Result<String, ConfigError> {
             "the Consul address {addr} has no host; use host:port"
         )));
     }
-    Ok(format!("{scheme}://{rest}"))
+    Ok((format!("{scheme}://{rest}"), None))
 }
 
 /// Everything `run` needs, validated.
@@ -337,19 +481,15 @@ mod tests {
 
     #[test]
     fn addresses_follow_consuls_client() {
-        assert_eq!(
-            parse_address("127.0.0.1:8500", false).unwrap(),
-            "http://127.0.0.1:8500"
-        );
-        assert_eq!(
-            parse_address("127.0.0.1:8500", true).unwrap(),
-            "https://127.0.0.1:8500"
-        );
-        assert_eq!(parse_address("http://h:1/", true).unwrap(), "https://h:1");
-        assert_eq!(
-            parse_address("https://h:1/prefix", false).unwrap(),
-            "https://h:1/prefix"
-        );
+        let base = |a, ssl| parse_address(a, ssl).unwrap().0;
+        assert_eq!(base("127.0.0.1:8500", false), "http://127.0.0.1:8500");
+        assert_eq!(base("127.0.0.1:8500", true), "https://127.0.0.1:8500");
+        assert_eq!(base("http://h:1/", true), "https://h:1");
+        assert_eq!(base("https://h:1/prefix", false), "https://h:1/prefix");
+        let (url, sock) = parse_address("unix:///run/c.sock", false).unwrap();
+        assert_eq!(url, "http://localhost");
+        assert_eq!(sock, Some(PathBuf::from("/run/c.sock")));
+        assert!(parse_address("unix://rel.sock", false).is_err());
         assert!(parse_address("ftp://h", false).is_err());
         assert!(parse_address("", false).is_err());
     }
@@ -359,9 +499,14 @@ mod tests {
         let c = ConsulConfig {
             base_url: "http://x".into(),
             addr_display: "x".into(),
+            unix_socket: None,
             token: Some("s3cret".into()),
             datacenter: None,
+            namespace: None,
+            partition: None,
+            basic_auth: Some(("u".into(), "pw-s3cret".into())),
+            tls: TlsConfig::default(),
         };
-        assert!(!format!("{c:?}").contains("s3cret"));
+        assert!(!format!("{c:?}").contains("s3cret"), "{c:?}");
     }
 }

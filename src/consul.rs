@@ -163,22 +163,63 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn new(cfg: ConsulConfig) -> anyhow::Result<Self> {
+    pub fn new(mut cfg: ConsulConfig) -> anyhow::Result<Self> {
         // reqwest is built without a default TLS provider; pick ring once for the process.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(3))
             .pool_idle_timeout(Duration::from_secs(30))
-            .user_agent(concat!("consul-leader/", env!("CARGO_PKG_VERSION")))
-            .build()?;
+            .no_proxy()
+            .user_agent(concat!("consul-leader/", env!("CARGO_PKG_VERSION")));
+        if let Some(socket) = &cfg.unix_socket {
+            builder = builder.unix_socket(socket.clone());
+        }
+        if !cfg.tls.ca_pems.is_empty() {
+            // Like Consul's client: a configured CA replaces the system's roots.
+            let mut certs = Vec::new();
+            for pem in &cfg.tls.ca_pems {
+                certs.extend(reqwest::Certificate::from_pem_bundle(pem)?);
+            }
+            builder = builder.tls_certs_only(certs);
+        }
+        if let Some(pem) = &cfg.tls.identity_pem {
+            builder = builder.identity(reqwest::Identity::from_pem(pem)?);
+        }
+        if cfg.tls.insecure {
+            builder = builder.tls_danger_accept_invalid_certs(true);
+        }
+        if let Some(name) = cfg.tls.server_name.clone() {
+            // Verify the certificate against `name`: address the agent by that name and pin the
+            // name to the configured address, so TLS (SNI and verification) sees the name while
+            // the connection goes where the user pointed it.
+            if let Some((scheme, rest)) = cfg.base_url.split_once("://") {
+                let (host_port, path) = rest.split_once('/').map_or((rest, ""), |(h, p)| (h, p));
+                let addrs = std::net::ToSocketAddrs::to_socket_addrs(host_port)
+                    .map_err(|e| {
+                        anyhow::anyhow!("cannot resolve the Consul address {host_port}: {e}")
+                    })?
+                    .collect::<Vec<_>>();
+                let port = addrs.first().map(|a| a.port()).unwrap_or(443);
+                builder = builder.resolve_to_addrs(&name, &addrs);
+                let sep = if path.is_empty() { "" } else { "/" };
+                cfg.base_url = format!("{scheme}://{name}:{port}{sep}{path}");
+            }
+        }
+        let http = builder.build()?;
         Ok(Self { http, cfg })
     }
 
     fn url(&self, path: &str, query: &[(&str, String)]) -> String {
         let mut url = format!("{}{}", self.cfg.base_url, path);
         let mut sep = '?';
-        let dc = self.cfg.datacenter.as_ref().map(|dc| ("dc", dc.clone()));
-        for (k, v) in query.iter().cloned().chain(dc) {
+        let scoped = [
+            ("dc", &self.cfg.datacenter),
+            ("ns", &self.cfg.namespace),
+            ("partition", &self.cfg.partition),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.as_ref().map(|v| (k, v.clone())));
+        for (k, v) in query.iter().cloned().chain(scoped) {
             url.push(sep);
             sep = '&';
             url.push_str(k);
@@ -202,6 +243,9 @@ impl Client {
         timeout: Duration,
     ) -> Result<(StatusCode, reqwest::header::HeaderMap, bytes::Bytes), ConsulError> {
         let mut req = req.timeout(timeout);
+        if let Some((user, pass)) = &self.cfg.basic_auth {
+            req = req.basic_auth(user, Some(pass));
+        }
         if let Some(token) = &self.cfg.token {
             let mut value =
                 reqwest::header::HeaderValue::from_str(token).map_err(|_| ConsulError::Decode {
