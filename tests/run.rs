@@ -393,13 +393,13 @@ async fn t7_sigkilled_leader_takes_its_child_along_and_the_next_waits() {
     });
     let killed_at = now_us();
     // Watch for the moment Consul frees the key (the session expires after up to 2 x TTL).
-    let mut freed_at = 0;
+    let freed_at = std::cell::Cell::new(0u64);
     wait_until("the key is freed by session expiry", DEADLINE, || async {
         let free = lock_state(&agent, "kill")
             .await
             .is_some_and(|s| s.0.is_none() || s.1 >= 2);
-        if free && freed_at == 0 {
-            freed_at = now_us();
+        if free && freed_at.get() == 0 {
+            freed_at.set(now_us());
         }
         free
     })
@@ -420,7 +420,7 @@ async fn t7_sigkilled_leader_takes_its_child_along_and_the_next_waits() {
     // Lower bound: silence (2s) counted from when the second wrapper first saw the key free, which
     // is no earlier than the expiry, which is at least TTL after the first's last renew. Our own
     // `freed_at` observation comes after the real expiry, so allow its polling delay.
-    let gap = second_start.saturating_sub(freed_at);
+    let gap = second_start.saturating_sub(freed_at.get());
     let poll_slack = 500_000;
     assert!(
         gap + poll_slack >= 2_000_000,

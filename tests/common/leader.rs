@@ -34,11 +34,24 @@ pub struct Timing {
 /// A dev agent with a lowered session TTL minimum, or the real agent of `CONSUL_LEADER_TEST_ADDR`.
 pub fn agent() -> (DevAgent, Timing) {
     if DevAgent::is_real() {
-        let timing = Timing { ttl: "10s", lock_delay: "2s", silence: "2s", grace: "1s" };
+        let timing = Timing {
+            ttl: "10s",
+            lock_delay: "2s",
+            silence: "2s",
+            grace: "1s",
+        };
         (DevAgent::start(), timing)
     } else {
-        let agent = DevAgent::builder().ttl_min("1s").start().expect("a local dev agent");
-        let timing = Timing { ttl: "3s", lock_delay: "1s", silence: "1s", grace: "1s" };
+        let agent = DevAgent::builder()
+            .ttl_min("1s")
+            .start()
+            .expect("a local dev agent");
+        let timing = Timing {
+            ttl: "3s",
+            lock_delay: "1s",
+            silence: "1s",
+            grace: "1s",
+        };
         (agent, timing)
     }
 }
@@ -63,7 +76,11 @@ impl Fixture {
         std::fs::create_dir_all(&dir).expect("create the test's scratch directory");
         let journal = dir.join("journal");
         std::fs::write(&journal, "").expect("create the journal");
-        Fixture { marker, dir, journal }
+        Fixture {
+            marker,
+            dir,
+            journal,
+        }
     }
 
     /// The child fixture script.
@@ -94,7 +111,10 @@ impl Fixture {
                 return;
             }
             if std::time::Instant::now() >= end {
-                panic!("processes of this test are still alive: {}", describe_pids(&live));
+                panic!(
+                    "processes of this test are still alive: {}",
+                    describe_pids(&live)
+                );
             }
             std::thread::sleep(super::POLL_INTERVAL);
         }
@@ -151,7 +171,10 @@ impl Event {
 
 /// Now, in the journal's clock (microseconds since the epoch).
 pub fn now_us() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_micros() as u64
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64
 }
 
 /// Lifetimes of the `main` children in the journal: (pid, start, end), end `None` if still running
@@ -177,7 +200,13 @@ pub fn overlaps(lives: &[(u32, u64, Option<u64>)]) -> Vec<String> {
             let a_end = a.2.unwrap_or(u64::MAX);
             let b_end = b.2.unwrap_or(u64::MAX);
             if a.1 < b_end && b.1 < a_end {
-                found.push(format!("child {} {:?} overlaps child {} {:?}", a.0, (a.1, a.2), b.0, (b.1, b.2)));
+                found.push(format!(
+                    "child {} {:?} overlaps child {} {:?}",
+                    a.0,
+                    (a.1, a.2),
+                    b.0,
+                    (b.1, b.2)
+                ));
             }
         }
     }
@@ -188,12 +217,20 @@ pub fn overlaps(lives: &[(u32, u64, Option<u64>)]) -> Vec<String> {
 pub fn marked_processes(marker: &str) -> Vec<u32> {
     let needle = format!("{MARKER_ENV}={marker}");
     let mut pids = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else { return pids };
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return pids;
+    };
     for entry in dir.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
             continue;
         };
-        let Ok(env) = std::fs::read(entry.path().join("environ")) else { continue };
+        let Ok(env) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
         if !env.split(|b| *b == 0).any(|var| var == needle.as_bytes()) {
             continue;
         }
@@ -208,7 +245,10 @@ pub fn marked_processes(marker: &str) -> Vec<u32> {
 fn is_zombie(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
-        .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('Z')))
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
         .unwrap_or(true)
 }
 
@@ -249,7 +289,14 @@ impl<'a> WrapperBuilder<'a> {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        WrapperBuilder { agent, fixture, key: key.to_string(), args, env: Vec::new(), command: None }
+        WrapperBuilder {
+            agent,
+            fixture,
+            key: key.to_string(),
+            args,
+            env: Vec::new(),
+            command: None,
+        }
     }
 
     /// Sets (or replaces) a flag of `run`.
@@ -283,7 +330,11 @@ impl<'a> WrapperBuilder<'a> {
 
     pub fn spawn(self) -> Proc {
         let mut cmd = Command::new(bin_path());
-        cmd.arg("run").arg("--key").arg(&self.key).args(&self.args).arg("--");
+        cmd.arg("run")
+            .arg("--key")
+            .arg(&self.key)
+            .args(&self.args)
+            .arg("--");
         match &self.command {
             Some(argv) => cmd.args(argv),
             None => cmd.arg("bash").arg(Fixture::child_script()),
@@ -303,7 +354,11 @@ impl<'a> WrapperBuilder<'a> {
 
 /// The session IDs on the agent whose name mentions `key` (our wrappers name sessions after it).
 pub async fn sessions_for(agent: &DevAgent, key: &str) -> Vec<String> {
-    let v = agent.get("/v1/session/list").await.expect_status(200).json();
+    let v = agent
+        .get("/v1/session/list")
+        .await
+        .expect_status(200)
+        .json();
     v.as_array()
         .map(|list| {
             list.iter()
@@ -338,6 +393,74 @@ pub fn read_env_file(path: &Path) -> BTreeMap<String, String> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()
-        .filter_map(|l| l.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+        .filter_map(|l| {
+            l.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+        })
         .collect()
+}
+
+/// Records when each `main` child of a journal disappears, for children that cannot say so
+/// themselves (SIGKILL leaves no stop line). A background thread polls `/proc` every few
+/// milliseconds; a recorded time is an upper bound of the death, which keeps overlap checks
+/// conservative: a lifetime can only look longer than it was.
+pub struct DeathWatch {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ended: std::sync::Arc<std::sync::Mutex<BTreeMap<u32, u64>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl DeathWatch {
+    pub fn start(journal: &Path) -> DeathWatch {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::{Arc, Mutex};
+        let stop = Arc::new(AtomicBool::new(false));
+        let ended: Arc<Mutex<BTreeMap<u32, u64>>> = Arc::default();
+        let journal = journal.to_path_buf();
+        let thread = {
+            let (stop, ended) = (stop.clone(), ended.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let text = std::fs::read_to_string(&journal).unwrap_or_default();
+                    for e in text
+                        .lines()
+                        .filter_map(Event::parse)
+                        .filter(Event::is_main_start)
+                    {
+                        if ended.lock().unwrap().contains_key(&e.pid) {
+                            continue;
+                        }
+                        if !pid_alive(e.pid) {
+                            ended.lock().unwrap().insert(e.pid, now_us());
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            })
+        };
+        DeathWatch {
+            stop,
+            ended,
+            thread: Some(thread),
+        }
+    }
+
+    /// Observed death times so far, by pid.
+    pub fn ended(&self) -> BTreeMap<u32, u64> {
+        self.ended.lock().unwrap().clone()
+    }
+}
+
+impl Drop for DeathWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// True while `pid` exists and is not a zombie.
+pub fn pid_alive(pid: u32) -> bool {
+    !is_zombie(pid)
 }
