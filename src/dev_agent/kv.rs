@@ -9,7 +9,7 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Method, Response};
 
 use super::gofmt::{encode_query, parse_uint};
-use super::http::{ApiError, Ctx, QueryOpts, Resp, not_found_with_meta, with_meta};
+use super::http::{ApiError, Ctx, Query, QueryOpts, Resp, not_found_with_meta, with_meta};
 use super::state::KvOp;
 use super::watch::{Answer, WatchSpec, blocking_query};
 
@@ -31,13 +31,15 @@ pub async fn handle(ctx: &mut Ctx) -> Result<Resp, ApiError> {
 /// The `Conflicting flags` check: more than one of `flags` present is a 400 that echoes the
 /// whole query, re-encoded the way Go's `url.Values.Encode` does.
 fn conflicting(ctx: &Ctx, flags: &[&str]) -> Result<(), ApiError> {
-    if flags.iter().filter(|f| ctx.query.has(f)).count() > 1 {
-        return Err(ApiError::bad_request(format!(
-            "Conflicting flags: {}",
-            encode_query(&ctx.query.pairs)
-        )));
+    match conflicting_flags(&ctx.query, flags) {
+        Some(text) => Err(ApiError::bad_request(text)),
+        None => Ok(()),
     }
-    Ok(())
+}
+
+fn conflicting_flags(query: &Query, flags: &[&str]) -> Option<String> {
+    (flags.iter().filter(|f| query.has(f)).count() > 1)
+        .then(|| format!("Conflicting flags: {}", encode_query(&query.pairs)))
 }
 
 fn missing_key() -> ApiError {
@@ -197,4 +199,27 @@ fn delete(ctx: &Ctx, key: String) -> Result<Resp, ApiError> {
     let ok = ctx.agent.store().kv_delete(&key, cas);
     // Only a CAS delete reports its outcome; a plain delete always answers true.
     Ok(ctx.json(&(ok || cas.is_none())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conflicting_flags_echo_the_sorted_query() {
+        let q = Query::parse("release=x%20y&cas=1&flags=3");
+        assert_eq!(
+            conflicting_flags(&q, &["cas", "acquire", "release"]).as_deref(),
+            Some("Conflicting flags: cas=1&flags=3&release=x+y")
+        );
+        let q = Query::parse("recurse&cas=0");
+        assert_eq!(
+            conflicting_flags(&q, &["recurse", "cas"]).as_deref(),
+            Some("Conflicting flags: cas=0&recurse=")
+        );
+        assert_eq!(
+            conflicting_flags(&Query::parse("cas=1&flags=2"), &["cas", "acquire"]),
+            None
+        );
+    }
 }

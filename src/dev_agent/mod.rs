@@ -110,8 +110,9 @@ async fn run(mut config: Config) -> ExitCode {
                 std::io::ErrorKind::AddrNotAvailable => "address not available".to_string(),
                 _ => e.to_string(),
             };
+            // One line, starting with what failed, so scripts can match it.
             eprintln!(
-                "consul-leader dev-agent: cannot listen on {}: {why}; pick another with --listen",
+                "cannot listen on {}: {why}; pick another with --listen",
                 config.listen
             );
             return ExitCode::from(crate::exit::INTERNAL);
