@@ -4,6 +4,9 @@
 mod cli;
 mod dev_agent;
 mod exit;
+// Used by the `run` command, which is not wired up yet.
+#[cfg_attr(not(test), expect(dead_code))]
+mod supervisor;
 mod wire;
 
 use std::process::ExitCode;
