@@ -1473,6 +1473,88 @@ mod tests {
         assert!(env.alive().is_empty(), "left behind: {:?}", env.alive());
     }
 
+    /// Set for the wrapper process of `group_dies_with_a_sigkilled_wrapper`.
+    const WRAPPER_JOURNAL_VAR: &str = "CL_TEST_WRAPPER_JOURNAL";
+
+    /// Not a test: the wrapper that `group_dies_with_a_sigkilled_wrapper` starts (this same test
+    /// binary, filtered to this function) and SIGKILLs. Returns at once when run by hand.
+    #[tokio::test(flavor = "current_thread")]
+    #[ignore = "helper process of group_dies_with_a_sigkilled_wrapper"]
+    async fn wrapper_to_be_killed() {
+        let Some(journal) = std::env::var_os(WRAPPER_JOURNAL_VAR) else {
+            return;
+        };
+        let marker = std::env::var(MARKER_VAR).unwrap();
+        let spec = ChildSpec {
+            argv: vec![FIXTURE.to_owned()],
+            shell: false,
+            env_set: vec![
+                (
+                    "CL_CHILD_JOURNAL".to_owned(),
+                    journal.into_string().unwrap(),
+                ),
+                (MARKER_VAR.to_owned(), marker),
+                ("CL_CHILD_EXIT_ON".to_owned(), String::new()),
+                (
+                    "CL_CHILD_GRANDCHILDREN".to_owned(),
+                    "ignore-term setsid".to_owned(),
+                ),
+            ],
+            env_remove: vec![WRAPPER_JOURNAL_VAR.to_owned()],
+        };
+        let mut sup = Supervisor::new().unwrap();
+        sup.spawn(&spec).unwrap();
+        sup.wait().await; // until SIGKILLed
+    }
+
+    /// End to end: PDEATHSIG and the guard, with a real wrapper process killed by SIGKILL.
+    #[tokio::test(flavor = "current_thread")]
+    async fn group_dies_with_a_sigkilled_wrapper() {
+        let _serial = SERIAL.lock().await;
+        let env = TestEnv::new("wrapper-killed");
+        // We are the dead wrapper's subreaper: its orphans come to us and we reap them.
+        let mut sup = Supervisor::new().unwrap();
+        let mut wrapper = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "supervisor::tests::wrapper_to_be_killed",
+                "--ignored",
+            ])
+            .env(WRAPPER_JOURNAL_VAR, env.journal())
+            .env(MARKER_VAR, &env.marker) // so that TestEnv's drop kills it if we fail
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        env.started().await;
+        let lines = env.lines();
+        let main = find(&lines, "start", "main").unwrap().pid;
+        let in_group = find(&lines, "start", "ignore-term").unwrap().pid;
+        let setsid = find(&lines, "start", "setsid").unwrap().pid;
+
+        wrapper.kill().unwrap(); // SIGKILL
+        wrapper.wait().unwrap();
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            sup.reap();
+            if !is_live(main) && !is_live(in_group) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the group outlived its wrapper");
+            sleep(Duration::from_millis(10)).await;
+        }
+        // Left the group, so out of the guard's reach (the module doc says what covers it).
+        assert_eq!(env.alive(), [setsid]);
+        signal::kill(Pid::from_raw(setsid), Signal::SIGKILL).unwrap();
+        while is_live(setsid) {
+            assert!(
+                Instant::now() < deadline,
+                "setsid grandchild survives SIGKILL"
+            );
+            sleep(Duration::from_millis(10)).await;
+        }
+        sup.reap();
+    }
+
     #[tokio::test(flavor = "current_thread")]
     async fn drop_kills_everything() {
         let _serial = SERIAL.lock().await;
