@@ -23,7 +23,7 @@ use crate::consul::{Client, ConsulError, ConsulIndex, ReadOpts, SessionId, Sessi
 use crate::election::{self, FreeWatch, HolderValue, KeyView};
 use crate::exit;
 use crate::notify;
-use crate::supervisor::{ChildSpec, Supervisor};
+use crate::supervisor::{ChildExit, ChildSpec, Supervisor};
 use crate::wire::LOCK_FLAG_VALUE;
 
 /// How the wrapper ends.
@@ -440,43 +440,43 @@ impl Leader {
             return TermEnd::Done(Outcome::Signal(sig));
         }
         let spec = self.child_spec(session, acquired.fencing_token);
-        let mut child = match self.supervisor.spawn(&spec) {
-            Ok(child) => child,
+        let pid = match self.supervisor.spawn(&spec) {
+            Ok(pid) => pid,
             Err(e) => {
                 error!("{e}");
                 self.release(session, &value).await;
                 return TermEnd::Done(Outcome::Code(e.exit_code()));
             }
         };
-        info!("started the command, pid {}", child.pid());
+        info!("started the command, pid {pid}");
         notify::status(&format!(
             "leader since {}, child pid {}",
             humantime::format_rfc3339_seconds(std::time::SystemTime::now()),
-            child.pid()
+            pid
         ));
 
         enum Why {
-            Exited(u8),
+            Exited(ChildExit),
             Lost(String),
             Signal(Signal),
         }
         let why = loop {
             tokio::select! {
-                status = child.wait() => break Why::Exited(status),
+                status = self.supervisor.wait() => break Why::Exited(status),
                 reason = lost(&mut lost_rx, &mut renewals, &cfg) => break Why::Lost(reason),
                 sig = self.signals.recv() => {
                     if STOP_SIGNALS.contains(&sig) {
                         break Why::Signal(sig);
                     }
                     debug!("forwarding {sig} to the command");
-                    child.signal_group(sig);
+                    self.supervisor.signal_group(sig);
                 }
             }
         };
 
         let stop_signal = match &why {
-            Why::Exited(code) => {
-                info!("the command exited with {}", describe_code(*code));
+            Why::Exited(status) => {
+                info!("the command {status}");
                 cfg.stop_signal
             }
             Why::Lost(reason) => {
@@ -523,7 +523,7 @@ impl Leader {
                 }
             }
         };
-        child.stop(stop_signal, grace, hurry).await;
+        self.supervisor.stop(stop_signal, grace, hurry).await;
         info!("the command's process group is gone");
 
         let by_signal = match why {
@@ -537,9 +537,9 @@ impl Leader {
                 self.release(session, &value).await;
                 TermEnd::Done(Outcome::Signal(sig))
             }
-            (Why::Exited(code), None) => {
+            (Why::Exited(status), None) => {
                 self.release(session, &value).await;
-                TermEnd::Done(Outcome::Code(code))
+                TermEnd::Done(Outcome::Code(status.exit_code()))
             }
             (Why::Signal(_), None) => unreachable!("a signal stop always has its signal"),
         }
@@ -618,17 +618,6 @@ impl Drop for AbortOnDrop {
 
 fn round_ms(d: Duration) -> Duration {
     Duration::from_millis(d.as_millis() as u64)
-}
-
-fn describe_code(code: u8) -> String {
-    if code > 128 {
-        match Signal::try_from(i32::from(code - 128)) {
-            Ok(sig) => format!("code {code} (killed by {sig})"),
-            Err(_) => format!("code {code}"),
-        }
-    } else {
-        format!("code {code}")
-    }
 }
 
 fn session_hint(e: &ConsulError) -> String {
