@@ -2,6 +2,8 @@
 //! `-q` keeps only errors; `CONSUL_LEADER_LOG` (an `EnvFilter` directive such as `debug`) overrides
 //! the level for troubleshooting.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 use crate::cli::LogFormat;
@@ -13,6 +15,7 @@ pub fn init(quiet: bool, format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false);
     let _ = match format {
         LogFormat::Text => builder.compact().try_init(),

@@ -9,8 +9,8 @@ use std::os::unix::process::ExitStatusExt;
 use std::time::Duration;
 
 use common::leader::{
-    DEADLINE, Fixture, WrapperBuilder, agent, lifetimes, lock_state, now_us, overlaps,
-    read_env_file, sessions_for,
+    DEADLINE, Fixture, WrapperBuilder, acquire_as_lock, agent, lifetimes, lock_state, now_us,
+    overlaps, parent, pid_alive, read_env_file, sessions_for,
 };
 use common::{Proc, wait_until};
 use nix::sys::signal::Signal;
@@ -103,7 +103,7 @@ async fn t2_three_contenders_hand_over_cleanly_one_at_a_time() {
         let child_pid = starts.last().unwrap().pid;
         let leader = wrappers
             .iter()
-            .position(|w| parent_of(child_pid) == Some(w.pid()))
+            .position(|w| parent(child_pid) == Some(w.pid()))
             .unwrap_or_else(|| panic!("no wrapper is the parent of child {child_pid}"));
         let mut w = wrappers.remove(leader);
         w.signal(Signal::SIGTERM);
@@ -125,12 +125,6 @@ async fn t2_three_contenders_hand_over_cleanly_one_at_a_time() {
     );
     assert_no_session(&agent, &key).await;
     fx.wait_none_left(DEADLINE);
-}
-
-fn parent_of(pid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let (_, rest) = stat.rsplit_once(')')?;
-    rest.split_whitespace().nth(1)?.parse().ok()
 }
 
 // 3. Session destroyed under the leader: the child is stopped at once, the wrapper exits 76.
@@ -203,7 +197,10 @@ async fn t4_stubborn_tree_is_killed_before_the_release() {
     fx.wait_journal("the child started", |ev| {
         ev.iter().any(|e| e.is_main_start())
     });
-    assert_eq!(fx.live().len(), 3, "child and two grandchildren");
+    assert!(
+        fx.live().len() >= 3,
+        "the child and its two grandchildren run"
+    );
     w.signal(Signal::SIGTERM);
     // The moment the key shows released, nothing of the tree may be alive.
     wait_until("the key is released", DEADLINE, || async {
@@ -243,7 +240,7 @@ async fn signal_in_phase(phase: &str, sig: Signal) {
             let s = agent
                 .create_session(serde_json::json!({"TTL": "60s", "Name": "other"}))
                 .await;
-            assert!(agent.acquire(&name, &s, b"x").await);
+            assert!(acquire_as_lock(&agent, &name, &s, b"x").await);
             holder = Some(s);
         }
         "silence" => {
@@ -353,7 +350,7 @@ async fn t6_wait_zero_on_a_held_key_exits_busy() {
     let s = agent
         .create_session(serde_json::json!({"TTL": "60s", "Name": "other"}))
         .await;
-    assert!(agent.acquire("busy", &s, b"x").await);
+    assert!(acquire_as_lock(&agent, "busy", &s, b"x").await);
     let mut w = WrapperBuilder::new(&agent, &fx, &key, &timing)
         .flag("--wait", "0")
         .spawn();
@@ -389,7 +386,7 @@ async fn t7_sigkilled_leader_takes_its_child_along_and_the_next_waits() {
     let _ = exit_of(&mut first);
     // The child and the grandchild in its group die with the wrapper.
     common::wait_until_sync("the first child's tree is gone", DEADLINE, || {
-        !std::path::Path::new(&format!("/proc/{first_child}")).exists() && fx.live().is_empty()
+        !pid_alive(first_child) && fx.live().is_empty()
     });
     let killed_at = now_us();
     // Watch for the moment Consul frees the key (the session expires after up to 2 x TTL).

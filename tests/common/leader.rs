@@ -213,8 +213,11 @@ pub fn overlaps(lives: &[(u32, u64, Option<u64>)]) -> Vec<String> {
     found
 }
 
-/// Pids of live (not zombie) processes whose environment holds `MARKER_ENV=marker`.
+/// Pids of live (not zombie) processes whose environment holds `MARKER_ENV=marker`, except the
+/// wrappers this test process started itself (their `Proc` owns and reaps them): what is left is
+/// what the wrappers started, which no wrapper may leave behind.
 pub fn marked_processes(marker: &str) -> Vec<u32> {
+    let me = std::process::id();
     let needle = format!("{MARKER_ENV}={marker}");
     let mut pids = Vec::new();
     let Ok(dir) = std::fs::read_dir("/proc") else {
@@ -234,12 +237,19 @@ pub fn marked_processes(marker: &str) -> Vec<u32> {
         if !env.split(|b| *b == 0).any(|var| var == needle.as_bytes()) {
             continue;
         }
-        if is_zombie(pid) {
+        if is_zombie(pid) || parent(pid) == Some(me) {
             continue;
         }
         pids.push(pid);
     }
     pids
+}
+
+/// The parent of `pid`, from `/proc/<pid>/stat`.
+pub fn parent(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(1)?.parse().ok()
 }
 
 fn is_zombie(pid: u32) -> bool {
@@ -463,4 +473,16 @@ impl Drop for DeathWatch {
 /// True while `pid` exists and is not a zombie.
 pub fn pid_alive(pid: u32) -> bool {
     !is_zombie(pid)
+}
+
+/// The Go `api.Lock` flags value: a key acquired with it is a lock that our wrappers wait for.
+pub const LOCK_FLAGS: u64 = 3304740253564472344;
+
+/// Acquires `name` for `session` the way `consul lock` does (lock flags, `value`).
+pub async fn acquire_as_lock(agent: &DevAgent, name: &str, session: &str, value: &[u8]) -> bool {
+    let path = format!(
+        "{}?acquire={session}&flags={LOCK_FLAGS}",
+        agent.kv_path(name)
+    );
+    agent.put(&path, value.to_vec()).await.expect_bool()
 }

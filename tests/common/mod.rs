@@ -83,6 +83,8 @@ pub fn skip(test: &str, why: &str) {
 struct Stream {
     text: Arc<Mutex<String>>,
     lines: mpsc::Receiver<String>,
+    /// Set when the reader hit EOF: everything the writers wrote is in `text`.
+    done: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Stream {
@@ -92,6 +94,8 @@ impl Stream {
         let text = Arc::new(Mutex::new(String::new()));
         let (tx, rx) = mpsc::channel();
         let store = Arc::clone(&text);
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let eof = Arc::clone(&done);
         thread::Builder::new()
             .name(format!("drain-{name}"))
             .spawn(move || {
@@ -100,7 +104,10 @@ impl Stream {
                 loop {
                     buf.clear();
                     match r.read_until(b'\n', &mut buf) {
-                        Ok(0) | Err(_) => break,
+                        Ok(0) | Err(_) => {
+                            eof.store(true, std::sync::atomic::Ordering::SeqCst);
+                            break;
+                        }
                         Ok(_) => {
                             let line = String::from_utf8_lossy(&buf).into_owned();
                             store.lock().unwrap().push_str(&line);
@@ -111,7 +118,15 @@ impl Stream {
                 }
             })
             .expect("spawn drain thread");
-        Stream { text, lines: rx }
+        Stream {
+            text,
+            lines: rx,
+            done,
+        }
+    }
+
+    fn is_done(&self) -> bool {
+        self.done.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
 
@@ -209,8 +224,20 @@ impl Proc {
     pub fn try_status(&mut self) -> Option<ExitStatus> {
         if self.status.is_none() {
             self.status = self.child.try_wait().expect("try_wait");
+            if self.status.is_some() {
+                self.settle_output();
+            }
         }
         self.status
+    }
+
+    /// After the exit, lets the drain threads read what is still in the pipes, so that a test
+    /// that asserts on the output sees all of it. Bounded: a grandchild may hold a pipe open.
+    fn settle_output(&self) {
+        let end = Instant::now() + Duration::from_secs(2);
+        while !(self.stdout.is_done() && self.stderr.is_done()) && Instant::now() < end {
+            thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// Waits up to `deadline` for the child to exit; polls, so never blocks past the deadline.
