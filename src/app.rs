@@ -261,18 +261,14 @@ impl Leader {
                     warn!("session {session} is gone (expired or destroyed); creating a new one");
                 }
                 TermEnd::Lost(reason) => {
+                    // The loss itself was logged where it was seen.
                     self.destroy_session(&session).await;
                     match self.cfg.on_lost {
                         OnLost::Exit => {
-                            error!("lost leadership on {}: {reason}", self.cfg.key);
+                            notify::stopping(&format!("lost leadership: {reason}"));
                             return Outcome::Code(self.cfg.lost_exit_code);
                         }
-                        OnLost::Recontend => {
-                            warn!(
-                                "lost leadership on {}: {reason}; contending again",
-                                self.cfg.key
-                            );
-                        }
+                        OnLost::Recontend => info!("contending for {} again", self.cfg.key),
                     }
                 }
             }
@@ -715,8 +711,10 @@ async fn keep_session(
     tx: watch::Sender<Renewal>,
 ) {
     let period = ttl / 3;
-    // A renew must answer well before the fence; a hung connection is cut short.
-    let timeout = period.clamp(Duration::from_millis(200), Duration::from_secs(5));
+    // A hung renew (a black-holed connection) is cut short at half the period, so that it fails
+    // and is retried, on a new connection, well before the fence: with the defaults, a renew sent
+    // into a partition gives up after 2.5s and the next try leaves 4s before the fence.
+    let timeout = (period / 2).clamp(Duration::from_millis(100), Duration::from_secs(5));
     let mut next = tx.borrow().last_ok_sent + period;
     let mut attempt = 0u32;
     loop {
@@ -727,6 +725,7 @@ async fn keep_session(
                 if attempt > 0 {
                     info!("session renew works again");
                 }
+                debug!("renewed session {session}");
                 attempt = 0;
                 tx.send_modify(|r| r.last_ok_sent = sent);
                 next = sent + period;

@@ -129,7 +129,7 @@ async fn f1_blackholed_leader_fences_itself_before_its_session_can_expire() {
     fx.wait_none_left(DEADLINE);
 }
 
-/// 2. A short black-hole (shorter than the time to the fence) changes nothing.
+/// 2. A 3-second black-hole with TTL 15s, timed to cover a renew, changes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn f2_short_blackhole_is_tolerated() {
     let Some(agent) = local_agent() else { return };
@@ -144,20 +144,22 @@ async fn f2_short_blackhole_is_tolerated() {
     };
     let mut w = WrapperBuilder::new(&agent, &fx, &key, &timing)
         .env("CONSUL_HTTP_ADDR", &proxy.addr().to_string())
+        .env("CONSUL_LEADER_LOG", "consul_leader=debug")
         .spawn();
     fx.wait_journal("the child started", |ev| {
         ev.iter().any(|e| e.is_main_start())
     });
     let (session, _, _) = lock_state(&agent, "blip").await.unwrap();
+    let renewals = |w: &Proc| w.stderr_text().matches("renewed session").count();
+    wait_until_sync("a first renew", DEADLINE, || renewals(&w) >= 1);
+    // Renews come every TTL/3 = 5s: a black-hole from 3.5s to 6.5s after one covers the next.
+    hold_fault(Duration::from_millis(3500));
+    let before = renewals(&w);
     proxy.set_mode(Mode::Blackhole);
-    // Make sure the blip covers a renew (every TTL/3 = 5s), then keep it 3s in all.
-    wait_until_sync("a renew fails", DEADLINE, || {
-        w.stderr_text().contains("session renew failed")
-    });
     hold_fault(Duration::from_secs(3));
     proxy.set_mode(Mode::Pass);
-    wait_until_sync("renew works again", DEADLINE, || {
-        w.stderr_text().contains("session renew works again")
+    wait_until_sync("a renew succeeds after the black-hole", DEADLINE, || {
+        renewals(&w) > before
     });
     assert!(
         fx.events().iter().all(|e| e.kind != "signal"),
@@ -170,7 +172,7 @@ async fn f2_short_blackhole_is_tolerated() {
         session,
         "same holder"
     );
-    assert!(w.try_status().is_none());
+    assert!(w.try_status().is_none(), "{}", w.output_report());
     w.signal(Signal::SIGTERM);
     let _ = exit_of(&mut w);
     fx.wait_none_left(DEADLINE);
