@@ -264,6 +264,8 @@ pub struct Ctx {
     pub query: Query,
     pub headers: HeaderMap,
     body: Option<Incoming>,
+    /// Set when reading stopped part-way through the body (over the size limit).
+    body_cut: bool,
     pretty: bool,
 }
 
@@ -402,11 +404,17 @@ impl Ctx {
         };
         match Limited::new(body, limit).collect().await {
             Ok(c) => Ok(c.to_bytes()),
-            Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("Request body too large, max size: {limit} bytes"),
-            )),
-            Err(e) => Err(ApiError::bad_request(format!("error reading body: {e}"))),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                self.body_cut = true;
+                Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("Request body too large, max size: {limit} bytes"),
+                ))
+            }
+            Err(e) => {
+                self.body_cut = true;
+                Err(ApiError::bad_request(format!("error reading body: {e}")))
+            }
         }
     }
 
@@ -553,12 +561,26 @@ pub async fn handle(agent: Arc<Agent>, req: Request<Incoming>) -> Resp {
             query,
             headers: parts.headers,
             body: Some(body),
+            body_cut: false,
             pretty,
         };
-        match dispatch(endpoint, &mut ctx).await {
+        let mut r = match dispatch(endpoint, &mut ctx).await {
             Ok(r) => r,
             Err(e) => text(e.status, e.body),
+        };
+        let unread = ctx.body_cut
+            || ctx
+                .body
+                .as_ref()
+                .is_some_and(|b| !hyper::body::Body::is_end_stream(b));
+        if unread {
+            // The rest of the request body is still on the wire, so the connection cannot carry
+            // another request; say so, as Go's server does, or the client would reuse it and
+            // lose its next request to the close (a 413 followed by a GET did).
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
+        r
     };
     let h = resp.headers_mut();
     h.insert(
