@@ -67,13 +67,25 @@ _consul__leader() {
             return 0
             ;;
         consul__subcmd__leader__subcmd__dev__subcmd__agent)
-            opts="-h -V --listen --node --datacenter --session-ttl-min --acl-token --help --version"
+            opts="-h -V --listen --tls-cert --tls-key --tls-client-ca --node --datacenter --session-ttl-min --acl-token --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
                 --listen)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --tls-cert)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --tls-key)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --tls-client-ca)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -77,7 +77,10 @@ complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -l p
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -l json -d 'Print one JSON object instead of text'
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -s h -l help -d 'Print help'
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -s V -l version -d 'Print version'
-complete -c consul-leader -n "__fish_consul_leader_using_subcommand dev-agent" -l listen -d 'Address to listen on; port 0 picks a free port' -r
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand dev-agent" -l listen -d 'Address to listen on: ip:port (port 0 picks a free port) or unix:///path/to.sock' -r
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand dev-agent" -l tls-cert -d 'Serve HTTPS with this certificate chain (PEM, leaf first) instead of plain HTTP' -r -F
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand dev-agent" -l tls-key -d 'Private key (PEM) of --tls-cert' -r -F
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand dev-agent" -l tls-client-ca -d 'Require a client certificate signed by this CA (PEM) on every connection (mutual TLS)' -r -F
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand dev-agent" -l node -d 'Node name (default: the host name)' -r
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand dev-agent" -l datacenter -d 'Datacenter name' -r
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand dev-agent" -l session-ttl-min -d 'Smallest session TTL accepted (Consul\'s session_ttl_min); tests lower it' -r

@@ -262,11 +262,30 @@ The dev agent keeps everything in memory and is for development and tests only, 
 
 Examples:
   consul-leader dev-agent
-  consul-leader dev-agent --listen 127.0.0.1:0 --session-ttl-min 1s")]
+  consul-leader dev-agent --listen 127.0.0.1:0 --session-ttl-min 1s
+  consul-leader dev-agent --listen unix:///tmp/consul.sock
+  consul-leader dev-agent --listen 127.0.0.1:8501 --tls-cert agent.pem --tls-key agent-key.pem")]
 pub struct DevAgentArgs {
-    /// Address to listen on; port 0 picks a free port.
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8500")]
-    pub listen: SocketAddr,
+    /// Address to listen on: ip:port (port 0 picks a free port) or unix:///path/to.sock.
+    #[arg(
+        long,
+        value_name = "ADDR",
+        default_value = "127.0.0.1:8500",
+        value_parser = parse_listen
+    )]
+    pub listen: Listen,
+
+    /// Serve HTTPS with this certificate chain (PEM, leaf first) instead of plain HTTP.
+    #[arg(long, value_name = "PATH", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "PATH", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Require a client certificate signed by this CA (PEM) on every connection (mutual TLS).
+    #[arg(long, value_name = "PATH", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
 
     /// Node name (default: the host name).
     #[arg(long, value_name = "NAME")]
@@ -283,6 +302,39 @@ pub struct DevAgentArgs {
     /// Require this ACL token on every request; others get 403 Permission denied.
     #[arg(long, value_name = "TOKEN")]
     pub acl_token: Option<String>,
+}
+
+/// Where the dev agent listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    Tcp(SocketAddr),
+    /// A unix socket path (absolute), given as `unix:///path`.
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for Listen {
+    /// The form `--listen` takes, so the listening line can be fed back as an address.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Listen::Tcp(a) => write!(f, "{a}"),
+            Listen::Unix(p) => write!(f, "unix://{}", p.display()),
+        }
+    }
+}
+
+/// Parses `ip:port` or `unix:///absolute/path` (the unix form of `CONSUL_HTTP_ADDR`).
+pub fn parse_listen(s: &str) -> Result<Listen, String> {
+    if let Some(path) = s.strip_prefix("unix://") {
+        if !path.starts_with('/') || path.len() < 2 {
+            return Err(
+                "a unix socket needs an absolute path, e.g. unix:///tmp/consul.sock".into(),
+            );
+        }
+        return Ok(Listen::Unix(PathBuf::from(path)));
+    }
+    s.parse().map(Listen::Tcp).map_err(|_| {
+        "use ip:port (e.g. 127.0.0.1:8500, port 0 for a free one) or unix:///path/to.sock".into()
+    })
 }
 
 /// Parses a humantime duration (`500ms`, `15s`, `2m`); a bare `0` means zero.
@@ -309,5 +361,14 @@ mod tests {
         assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
         assert_eq!(parse_duration("1500ms"), Ok(Duration::from_millis(1500)));
         assert!(parse_duration("15").is_err());
+    }
+
+    #[test]
+    fn listen_addresses_parse_and_print_back() {
+        for form in ["127.0.0.1:0", "[::1]:8500", "unix:///tmp/a.sock"] {
+            assert_eq!(parse_listen(form).unwrap().to_string(), form);
+        }
+        assert!(parse_listen("unix://rel.sock").is_err());
+        assert!(parse_listen("localhost:8500").is_err());
     }
 }

@@ -132,42 +132,39 @@ impl ConsulConfig {
 
 impl TlsConfig {
     fn from_args(args: &ConsulArgs, insecure: bool) -> Result<Self, ConfigError> {
-        let mut ca_pems = Vec::new();
-        if let Some(path) = &args.ca_file {
-            ca_pems.push(read_file(
-                path,
-                "CA certificate",
-                "--ca-file / CONSUL_CACERT",
-            )?);
-        }
-        if let Some(dir) = &args.ca_path {
+        // As in Consul's client (go-rootcerts), a CA file wins over a CA directory: the
+        // directory is not read at all then, so a stray file in it cannot break a working setup.
+        let mut ca_files = Vec::new();
+        let setting = if let Some(path) = &args.ca_file {
+            ca_files.push(path.clone());
+            "--ca-file / CONSUL_CACERT"
+        } else if let Some(dir) = &args.ca_path {
             let entries = std::fs::read_dir(dir).map_err(|e| {
                 bad(format!(
                     "cannot read the CA directory {}: {e}; check --ca-path / CONSUL_CAPATH",
                     dir.display()
                 ))
             })?;
-            let mut files: Vec<PathBuf> = entries
+            ca_files = entries
                 .flatten()
                 .map(|e| e.path())
                 .filter(|p| p.is_file())
                 .collect();
-            files.sort();
-            for file in files {
-                ca_pems.push(read_file(
-                    &file,
-                    "CA certificate",
-                    "--ca-path / CONSUL_CAPATH",
-                )?);
-            }
-        }
-        for pem in &ca_pems {
-            match reqwest::Certificate::from_pem_bundle(pem) {
-                Ok(certs) if !certs.is_empty() => {}
+            ca_files.sort();
+            "--ca-path / CONSUL_CAPATH"
+        } else {
+            ""
+        };
+        let mut ca_pems = Vec::new();
+        for file in &ca_files {
+            let pem = read_file(file, "CA certificate", setting)?;
+            match reqwest::Certificate::from_pem_bundle(&pem) {
+                Ok(certs) if !certs.is_empty() => ca_pems.push(pem),
                 _ => {
-                    return Err(bad(
-                        "a CA file holds no PEM certificate; check --ca-file / --ca-path (CONSUL_CACERT / CONSUL_CAPATH)",
-                    ));
+                    return Err(bad(format!(
+                        "the CA file {} holds no PEM certificate; check {setting}",
+                        file.display()
+                    )));
                 }
             }
         }
@@ -493,6 +490,57 @@ mod tests {
         assert!(parse_address("ftp://h", false).is_err());
         assert!(parse_address("", false).is_err());
     }
+
+    #[test]
+    fn a_ca_file_wins_over_a_ca_directory() {
+        let dir = std::env::temp_dir().join(format!("cl-ca-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // Not a certificate: reading the directory would fail.
+        std::fs::write(dir.join("README"), "not a certificate").unwrap();
+        let ca = dir.join("ca.pem");
+        // Any well-formed certificate will do for parsing.
+        std::fs::write(&ca, TEST_CERT_PEM).unwrap();
+        let tls = |file: Option<&Path>| {
+            let args = ConsulArgs {
+                ca_file: file.map(Path::to_path_buf),
+                ca_path: Some(dir.clone()),
+                // Whatever the environment running the test says.
+                client_cert: None,
+                client_key: None,
+                ..consul_args()
+            };
+            TlsConfig::from_args(&args, false)
+        };
+        let both = tls(Some(&ca));
+        let only_dir = tls(None);
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(both.unwrap().ca_pems.len(), 1);
+        let e = only_dir.err().unwrap();
+        assert!(e.0.contains("README") && e.0.contains("--ca-path"), "{e}");
+    }
+
+    fn consul_args() -> ConsulArgs {
+        let cli =
+            crate::cli::Cli::try_parse_from(["consul-leader", "status", "--key", "k"]).unwrap();
+        match cli.command {
+            crate::cli::Command::Status(args) => args.consul,
+            _ => unreachable!(),
+        }
+    }
+
+    /// A self-signed certificate, only ever parsed.
+    const TEST_CERT_PEM: &str = "-----BEGIN CERTIFICATE-----
+MIIBhTCCASqgAwIBAgIULZJTtcHHaTejNwqGsCHXtWgBLxkwCgYIKoZIzj0EAwIw
+ETEPMA0GA1UEAwwGdGVzdGNhMB4XDTI2MTEyMjA4MjAxN1oXDTI2MTEyNDA4MjAx
+N1owETEPMA0GA1UEAwwGdGVzdGNhMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE
+phWXHzhFtgJGROqsSFWw7ZFNKDFzY6MYAFnJ4LEfopEhRDeNgjuzP76/A9esyCtT
+ADq2mJQgm9LToMfhATyuf6NgMF4wHQYDVR0OBBYEFDyRLBRq/6g1U+l4k6x91W6t
+FEhqMB8GA1UdIwQYMBaAFDyRLBRq/6g1U+l4k6x91W6tFEhqMA8GA1UdEwEB/wQF
+MAMBAf8wCwYDVR0PBAQDAgIEMAoGCCqGSM49BAMCA0kAMEYCIQCrIQGMQOzN70Fe
+iD7WRIJ7BpzHw6cAgaHF0Q+1+ZCb1AIhAO2HqqfUOKLieks+DCryHLllROwsZpFs
+IGMYHiVR7neC
+-----END CERTIFICATE-----
+";
 
     #[test]
     fn token_never_shows_in_debug() {

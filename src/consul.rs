@@ -49,10 +49,20 @@ const PATH_SEGMENT: &AsciiSet = &CONTROLS
 /// What went wrong talking to Consul.
 #[derive(Debug, thiserror::Error)]
 pub enum ConsulError {
-    #[error(
-        "cannot reach the Consul agent at {addr} ({detail}); is CONSUL_HTTP_ADDR / --http-addr right and the agent running?"
-    )]
-    Unreachable { addr: String, detail: String },
+    #[error("cannot reach the Consul agent at {addr} ({detail}); {hint}")]
+    Unreachable {
+        addr: String,
+        detail: String,
+        hint: &'static str,
+    },
+    /// The connection was made but TLS failed: a certificate problem, not a dead agent, so the
+    /// message points at the TLS settings instead of at the address.
+    #[error("TLS with the Consul agent at {addr} failed ({detail}); {hint}")]
+    Tls {
+        addr: String,
+        detail: String,
+        hint: &'static str,
+    },
     #[error("the Consul agent at {addr} did not answer {op} within {timeout:?}")]
     Timeout {
         addr: String,
@@ -81,7 +91,11 @@ impl ConsulError {
     /// Worth retrying: the agent may answer differently in a moment.
     pub fn is_transient(&self) -> bool {
         match self {
-            ConsulError::Unreachable { .. } | ConsulError::Timeout { .. } => true,
+            // A TLS failure stays retryable, as in Consul's Go client: an agent whose certificate
+            // is being rotated recovers, and a wrong setting fails the first request anyway.
+            ConsulError::Unreachable { .. }
+            | ConsulError::Tls { .. }
+            | ConsulError::Timeout { .. } => true,
             ConsulError::Status { status, body, .. } => {
                 (*status >= 500 || *status == 429) && !is_permanent_500(body)
             }
@@ -290,15 +304,28 @@ impl Client {
         }
         // The innermost cause is what an operator recognises ("Connection refused").
         let mut detail = e.to_string();
+        let mut tls = None;
+        let mut garbled = false;
         let mut source = std::error::Error::source(&e);
         while let Some(s) = source {
             detail = s.to_string();
+            tls = tls.or_else(|| rustls_error(s).map(tls_hint));
+            garbled |= s
+                .downcast_ref::<hyper::Error>()
+                .is_some_and(hyper::Error::is_parse);
             source = s.source();
         }
-        ConsulError::Unreachable {
-            addr: self.cfg.addr_display.clone(),
-            detail,
+        let addr = self.cfg.addr_display.clone();
+        if let Some(hint) = tls {
+            return ConsulError::Tls { addr, detail, hint };
         }
+        // An answer that is not HTTP at all, to plain HTTP, is most often a TLS-only agent.
+        let hint = if garbled && self.cfg.base_url.starts_with("http://") {
+            "does the agent serve HTTPS? use an https:// address or CONSUL_HTTP_SSL=true"
+        } else {
+            "is CONSUL_HTTP_ADDR / --http-addr right and the agent running?"
+        };
+        ConsulError::Unreachable { addr, detail, hint }
     }
 
     fn unexpected(op: &'static str, status: StatusCode, body: &[u8]) -> ConsulError {
@@ -506,9 +533,73 @@ impl Client {
     }
 }
 
+/// The rustls error behind a transport error, if any. tokio-rustls hands it up wrapped in an
+/// `io::Error` (sometimes twice), whose `source()` skips the wrapped error itself, so look
+/// inside each layer.
+fn rustls_error<'a>(mut e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    loop {
+        if let Some(r) = e.downcast_ref::<rustls::Error>() {
+            return Some(r);
+        }
+        let inner = e.downcast_ref::<std::io::Error>()?.get_ref()?;
+        e = inner;
+    }
+}
+
+/// What to change for each kind of TLS failure.
+fn tls_hint(e: &rustls::Error) -> &'static str {
+    use rustls::{AlertDescription as A, CertificateError as C, Error as E};
+    match e {
+        E::InvalidCertificate(C::NotValidForName | C::NotValidForNameContext { .. }) => {
+            "the agent's certificate is for another name; set --tls-server-name \
+             (CONSUL_TLS_SERVER_NAME) to a name it holds"
+        }
+        E::InvalidCertificate(_) => {
+            "the agent's certificate is not trusted; give the CA that signed it with --ca-file or \
+             --ca-path (CONSUL_CACERT / CONSUL_CAPATH)"
+        }
+        E::AlertReceived(
+            A::CertificateRequired
+            | A::BadCertificate
+            | A::UnknownCA
+            | A::CertificateUnknown
+            | A::UnsupportedCertificate
+            | A::CertificateExpired
+            | A::CertificateRevoked
+            | A::AccessDenied,
+        ) => {
+            "the agent refused our client certificate; set --client-cert and --client-key \
+             (CONSUL_CLIENT_CERT / CONSUL_CLIENT_KEY) to one its CA signed"
+        }
+        E::InvalidMessage(_) => {
+            "the agent does not seem to speak TLS; for plain HTTP use an http:// address and \
+             unset CONSUL_HTTP_SSL"
+        }
+        _ => {
+            "check the TLS settings (--ca-file, --tls-server-name, --client-cert / \
+             CONSUL_CACERT, CONSUL_TLS_SERVER_NAME, CONSUL_CLIENT_CERT)"
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tls_errors_are_found_inside_io_errors() {
+        // As hyper-util reports it: an io::Error around the io::Error from tokio-rustls.
+        let io = std::io::Error::other(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
+        ));
+        let hint = rustls_error(&io).map(tls_hint).unwrap();
+        assert!(hint.contains("--ca-file"), "{hint}");
+        let alert = rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRequired);
+        assert!(tls_hint(&alert).contains("--client-cert"));
+        let plain = std::io::Error::other("refused");
+        assert!(rustls_error(&plain).is_none());
+    }
 
     #[test]
     fn keys_keep_slashes_and_escape_the_rest() {
@@ -529,7 +620,8 @@ mod tests {
         assert!(
             ConsulError::Unreachable {
                 addr: "a".into(),
-                detail: "refused".into()
+                detail: "refused".into(),
+                hint: "",
             }
             .is_transient()
         );

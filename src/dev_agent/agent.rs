@@ -59,9 +59,13 @@ struct SelfResponse<'a> {
     meta: BTreeMap<String, String>,
 }
 
-/// The agent's address as peers would see it: the listen IP, or loopback when bound to all.
+/// The agent's address as peers would see it: the listen IP, or loopback when bound to all or
+/// to a unix socket.
 fn advertise_ip(ctx: &Ctx) -> String {
-    let ip = ctx.agent.config.listen.ip();
+    let crate::cli::Listen::Tcp(addr) = &ctx.agent.config.listen else {
+        return "127.0.0.1".into();
+    };
+    let ip = addr.ip();
     if ip.is_unspecified() {
         "127.0.0.1".into()
     } else {

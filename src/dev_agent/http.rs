@@ -264,6 +264,8 @@ pub struct Ctx {
     pub query: Query,
     pub headers: HeaderMap,
     body: Option<Incoming>,
+    /// Set when reading stopped part-way through the body (over the size limit).
+    body_cut: bool,
     pretty: bool,
 }
 
@@ -402,11 +404,17 @@ impl Ctx {
         };
         match Limited::new(body, limit).collect().await {
             Ok(c) => Ok(c.to_bytes()),
-            Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("Request body too large, max size: {limit} bytes"),
-            )),
-            Err(e) => Err(ApiError::bad_request(format!("error reading body: {e}"))),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                self.body_cut = true;
+                Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("Request body too large, max size: {limit} bytes"),
+                ))
+            }
+            Err(e) => {
+                self.body_cut = true;
+                Err(ApiError::bad_request(format!("error reading body: {e}")))
+            }
         }
     }
 
@@ -506,6 +514,7 @@ pub async fn handle(agent: Arc<Agent>, req: Request<Incoming>) -> Resp {
     } else {
         "allow"
     };
+    let gzip_ok = accepts_gzip(req.headers());
     let raw_path = req.uri().path().to_string();
     let raw_query = req.uri().query().unwrap_or("").to_string();
     let path = if valid_escapes(&raw_path) {
@@ -552,12 +561,26 @@ pub async fn handle(agent: Arc<Agent>, req: Request<Incoming>) -> Resp {
             query,
             headers: parts.headers,
             body: Some(body),
+            body_cut: false,
             pretty,
         };
-        match dispatch(endpoint, &mut ctx).await {
+        let mut r = match dispatch(endpoint, &mut ctx).await {
             Ok(r) => r,
             Err(e) => text(e.status, e.body),
+        };
+        let unread = ctx.body_cut
+            || ctx
+                .body
+                .as_ref()
+                .is_some_and(|b| !hyper::body::Body::is_end_stream(b));
+        if unread {
+            // The rest of the request body is still on the wire, so the connection cannot carry
+            // another request; say so, as Go's server does, or the client would reuse it and
+            // lose its next request to the close (a 413 followed by a GET did).
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
+        r
     };
     let h = resp.headers_mut();
     h.insert(
@@ -565,7 +588,69 @@ pub async fn handle(agent: Arc<Agent>, req: Request<Incoming>) -> Resp {
         HeaderValue::from_static(acl_policy),
     );
     h.insert(header::VARY, HeaderValue::from_static("Accept-Encoding"));
-    resp
+    if gzip_ok {
+        gzip_if_large(resp).await
+    } else {
+        resp
+    }
+}
+
+/// Consul wraps its handlers in a gzip handler that compresses only bodies of at least this
+/// many bytes (§1.2); smaller ones are not worth the CPU.
+const GZIP_MIN_SIZE: u64 = 1400;
+
+/// Whether the request's (first) `Accept-Encoding` header takes gzip with a non-zero q-value,
+/// as Consul's gzip handler decides it.
+fn accepts_gzip(headers: &HeaderMap) -> bool {
+    let Some(v) = headers.get(header::ACCEPT_ENCODING) else {
+        return false;
+    };
+    String::from_utf8_lossy(v.as_bytes())
+        .split(',')
+        .any(|part| {
+            let mut params = part.split(';');
+            let coding = params.next().unwrap_or("").trim();
+            if !coding.eq_ignore_ascii_case("gzip") {
+                return false;
+            }
+            // `gzip;q=0` explicitly refuses gzip; a q-value that does not parse counts as absent.
+            let q = params
+                .filter_map(|p| p.trim().strip_prefix("q="))
+                .find_map(|q| q.trim().parse::<f64>().ok())
+                .unwrap_or(1.0);
+            q > 0.0
+        })
+}
+
+/// Compresses a body of [`GZIP_MIN_SIZE`] bytes or more; the response is otherwise unchanged.
+async fn gzip_if_large(resp: Resp) -> Resp {
+    use std::io::Write as _;
+    let large = hyper::body::Body::size_hint(resp.body())
+        .exact()
+        .is_some_and(|n| n >= GZIP_MIN_SIZE);
+    if !large || resp.headers().contains_key(header::CONTENT_ENCODING) {
+        return resp;
+    }
+    let (mut parts, body) = resp.into_parts();
+    // A `Full` body is one chunk already in memory; collecting it cannot fail or wait.
+    let plain = match body.collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(never) => match never {},
+    };
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    // Writing into a Vec cannot fail.
+    let compressed = enc.write_all(&plain).and_then(|()| enc.finish());
+    match compressed {
+        Ok(gz) => {
+            parts
+                .headers
+                .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+            // hyper sets Content-Length from the new body.
+            parts.headers.remove(header::CONTENT_LENGTH);
+            Response::from_parts(parts, Full::new(Bytes::from(gz)))
+        }
+        Err(_) => Response::from_parts(parts, Full::new(plain)),
+    }
 }
 
 async fn dispatch(endpoint: Endpoint, ctx: &mut Ctx) -> Result<Resp, ApiError> {
@@ -701,6 +786,21 @@ mod tests {
     fn allow_lists_options_first() {
         assert_eq!(allow_header(KV_METHODS), "OPTIONS,GET,PUT,DELETE");
         assert_eq!(allow_header(PUT), "OPTIONS,PUT");
+    }
+
+    #[test]
+    fn gzip_acceptance_follows_q_values() {
+        let h = |v: &str| {
+            let mut m = HeaderMap::new();
+            m.insert(header::ACCEPT_ENCODING, HeaderValue::from_str(v).unwrap());
+            accepts_gzip(&m)
+        };
+        assert!(h("gzip"));
+        assert!(h("deflate, GZIP;q=0.5"));
+        assert!(!h("gzip;q=0"));
+        assert!(!h("identity"));
+        assert!(!h("x-gzip2"));
+        assert!(!accepts_gzip(&HeaderMap::new()));
     }
 
     #[test]

@@ -3,8 +3,8 @@
 //! machines without Consul. Like `consul agent -dev` it keeps nothing on disk; unlike it, answers
 //! are compact JSON unless `?pretty` is given.
 //!
-//! This module owns the process side: the runtime, the listener and its accept loop, the timer
-//! task that expires sessions and TTL checks, and signals. `http` routes requests, `kv`, `session`
+//! This module owns the process side: the runtime, the listener (TCP or a unix socket, plain or
+//! TLS) and its accept loop, the timer task that expires sessions and TTL checks, and signals. `http` routes requests, `kv`, `session`
 //! and `agent` handle them, `state` is the store, `watch` wakes blocking queries.
 
 mod agent;
@@ -13,27 +13,32 @@ mod http;
 mod kv;
 mod session;
 mod state;
+mod tls;
 mod watch;
 
 use std::convert::Infallible;
 use std::io::Write as _;
-use std::net::SocketAddr;
+use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::Notify;
+use tokio_rustls::TlsAcceptor;
 
-use crate::cli::DevAgentArgs;
+use crate::cli::{DevAgentArgs, Listen};
 use state::Store;
 
 /// The agent's fixed identity and settings.
 pub struct Config {
-    pub listen: SocketAddr,
+    /// After binding, the actual address (the port chosen for port 0).
+    pub listen: Listen,
     pub node: String,
     pub node_id: String,
     pub datacenter: String,
@@ -76,8 +81,21 @@ pub fn main(args: DevAgentArgs) -> ExitCode {
             .filter(|h| !h.is_empty())
             .unwrap_or_else(|| "dev-agent".into())
     });
+    // Certificates are checked before anything listens, so a bad file never leaves a half-started
+    // agent behind.
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => match tls::acceptor(cert, key, args.tls_client_ca.as_deref()) {
+            Ok(a) => Some(a),
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::from(crate::exit::INTERNAL);
+            }
+        },
+        // clap makes --tls-cert and --tls-key a pair.
+        _ => None,
+    };
     let config = Config {
-        listen: args.listen,
+        listen: args.listen.clone(),
         node,
         node_id: uuid::Uuid::new_v4().to_string(),
         datacenter: args.datacenter.clone(),
@@ -94,22 +112,34 @@ pub fn main(args: DevAgentArgs) -> ExitCode {
             return ExitCode::from(crate::exit::INTERNAL);
         }
     };
-    let code = runtime.block_on(run(config));
+    let code = runtime.block_on(run(config, tls));
     // Blocked queries may still be parked; they hold nothing worth waiting for.
     runtime.shutdown_background();
     code
 }
 
-async fn run(mut config: Config) -> ExitCode {
-    let listener = match TcpListener::bind(config.listen).await {
-        Ok(l) => l,
-        Err(e) => {
-            let why = match e.kind() {
-                std::io::ErrorKind::AddrInUse => "address in use".to_string(),
-                std::io::ErrorKind::PermissionDenied => "permission denied".to_string(),
-                std::io::ErrorKind::AddrNotAvailable => "address not available".to_string(),
-                _ => e.to_string(),
-            };
+/// A bound listener of either transport.
+enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+async fn run(mut config: Config, tls: Option<TlsAcceptor>) -> ExitCode {
+    let bound = match &config.listen {
+        Listen::Tcp(addr) => TcpListener::bind(addr)
+            .await
+            .map_err(|e| io_reason(&e))
+            .map(|l| {
+                let addr = l.local_addr().unwrap_or(*addr);
+                (Listener::Tcp(l), Listen::Tcp(addr), None)
+            }),
+        Listen::Unix(path) => bind_unix(path)
+            .await
+            .map(|(l, guard)| (Listener::Unix(l), Listen::Unix(path.clone()), Some(guard))),
+    };
+    let (listener, addr, _socket_file) = match bound {
+        Ok(b) => b,
+        Err(why) => {
             // One line, starting with what failed, so scripts can match it.
             eprintln!(
                 "cannot listen on {}: {why}; pick another with --listen",
@@ -118,13 +148,17 @@ async fn run(mut config: Config) -> ExitCode {
             return ExitCode::from(crate::exit::INTERNAL);
         }
     };
-    let addr = listener.local_addr().unwrap_or(config.listen);
-    config.listen = addr;
+    config.listen = addr.clone();
     let agent = Arc::new(Agent::new(config));
 
     eprintln!(
         "consul-leader dev-agent: WARNING: all data is in memory and lost on exit; for \
-         development and tests only, never for production"
+         development and tests only, never for production{}",
+        if tls.is_some() {
+            " (serving HTTPS)"
+        } else {
+            ""
+        }
     );
     {
         // Tests wait for this line to know the port; it must reach the pipe at once.
@@ -146,28 +180,104 @@ async fn run(mut config: Config) -> ExitCode {
 
     tokio::spawn(reap_timers(agent.clone()));
     tokio::select! {
-        _ = accept_loop(listener, agent) => {}
+        _ = accept_loop(listener, tls, agent) => {}
         _ = int.recv() => {}
         _ = term.recv() => {}
     }
     ExitCode::SUCCESS
 }
 
-/// Accepts TCP connections for ever. A TLS or unix-socket listener would be another loop that
-/// hands its streams to the same [`serve_connection`].
-async fn accept_loop(listener: TcpListener, agent: Arc<Agent>) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                let _ = stream.set_nodelay(true);
-                tokio::spawn(serve_connection(TokioIo::new(stream), agent.clone()));
-            }
-            Err(e) => {
-                // Usually descriptor exhaustion: back off briefly instead of spinning.
-                eprintln!("consul-leader dev-agent: accept failed: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
+fn io_reason(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::AddrInUse => "address in use".to_string(),
+        std::io::ErrorKind::PermissionDenied => "permission denied".to_string(),
+        std::io::ErrorKind::AddrNotAvailable => "address not available".to_string(),
+        _ => e.to_string(),
+    }
+}
+
+/// Removes the socket file when the agent exits cleanly, but only if it is still the one this
+/// agent bound: another agent may have replaced it in the meantime.
+struct SocketFile {
+    path: PathBuf,
+    dev_ino: (u64, u64),
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        if let Ok(m) = std::fs::symlink_metadata(&self.path)
+            && (m.dev(), m.ino()) == self.dev_ino
+        {
+            let _ = std::fs::remove_file(&self.path);
         }
+    }
+}
+
+/// Binds a unix socket at `path`. A socket file left by an agent that died is removed first, but
+/// only when nothing accepts connections on it; any other kind of file is left alone.
+async fn bind_unix(path: &Path) -> Result<(UnixListener, SocketFile), String> {
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e.to_string()),
+        Ok(m) if !m.file_type().is_socket() => {
+            return Err("the path exists and is not a socket".into());
+        }
+        Ok(_) => match tokio::net::UnixStream::connect(path).await {
+            Ok(_) => return Err("address in use (something accepts connections on it)".into()),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                std::fs::remove_file(path)
+                    .map_err(|e| format!("cannot remove the stale socket file: {e}"))?;
+            }
+            Err(e) => return Err(io_reason(&e)),
+        },
+    }
+    let listener = UnixListener::bind(path).map_err(|e| io_reason(&e))?;
+    let m = std::fs::symlink_metadata(path).map_err(|e| e.to_string())?;
+    let file = SocketFile {
+        path: path.to_path_buf(),
+        dev_ino: (m.dev(), m.ino()),
+    };
+    Ok((listener, file))
+}
+
+/// Accepts connections for ever and serves each on its own task.
+async fn accept_loop(listener: Listener, tls: Option<TlsAcceptor>, agent: Arc<Agent>) {
+    loop {
+        let accepted = match &listener {
+            Listener::Tcp(l) => l.accept().await.map(|(stream, _)| {
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(serve_stream(stream, tls.clone(), agent.clone()));
+            }),
+            Listener::Unix(l) => l.accept().await.map(|(stream, _)| {
+                tokio::spawn(serve_stream(stream, tls.clone(), agent.clone()));
+            }),
+        };
+        if let Err(e) = accepted {
+            // Usually descriptor exhaustion: back off briefly instead of spinning.
+            eprintln!("consul-leader dev-agent: accept failed: {e}");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// A client that opens a connection and never completes the handshake gives up its task after
+/// this long.
+const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Runs the TLS handshake when the agent serves HTTPS, then HTTP. A failed handshake (an
+/// untrusted or missing client certificate, a plain-HTTP client) ends only this connection; it is
+/// the client's error to report, so it is logged at debug level only.
+async fn serve_stream<S>(stream: S, tls: Option<TlsAcceptor>, agent: Arc<Agent>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let Some(acceptor) = tls else {
+        return serve_connection(TokioIo::new(stream), agent).await;
+    };
+    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(stream)) => serve_connection(TokioIo::new(stream), agent).await,
+        Ok(Err(e)) => tracing::debug!("TLS handshake failed: {e}"),
+        Err(_) => tracing::debug!("TLS handshake timed out"),
     }
 }
 
