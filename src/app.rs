@@ -254,15 +254,16 @@ impl Leader {
             match end {
                 TermEnd::Done(outcome) => {
                     notify::stopping("stopping");
-                    self.destroy_session(&session).await;
+                    self.destroy_session(&session, 3).await;
                     return outcome;
                 }
                 TermEnd::SessionGone => {
                     warn!("session {session} is gone (expired or destroyed); creating a new one");
                 }
                 TermEnd::Lost(reason) => {
-                    // The loss itself was logged where it was seen.
-                    self.destroy_session(&session).await;
+                    // The loss itself was logged where it was seen. One try: after a fence the
+                    // agent is likely unreachable, and Consul expires the session anyway.
+                    self.destroy_session(&session, 1).await;
                     match self.cfg.on_lost {
                         OnLost::Exit => {
                             notify::stopping(&format!("lost leadership: {reason}"));
@@ -322,14 +323,14 @@ impl Leader {
         }
     }
 
-    async fn destroy_session(&self, session: &SessionId) {
-        for attempt in 0..3 {
+    async fn destroy_session(&self, session: &SessionId, attempts: u32) {
+        for attempt in 0..attempts {
             match self.client.session_destroy(session).await {
                 Ok(()) => {
                     debug!("destroyed session {session}");
                     return;
                 }
-                Err(e) if e.is_transient() && attempt < 2 => {
+                Err(e) if e.is_transient() && attempt + 1 < attempts => {
                     sleep(election::backoff(
                         attempt,
                         Duration::from_millis(200),
