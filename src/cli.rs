@@ -241,6 +241,13 @@ pub struct RunArgs {
 
 /// Options of `consul-leader status`.
 #[derive(Debug, Args)]
+#[command(after_help = "\
+Exit codes: 0 the key is held, 1 it is free (or not a lock), 125 Consul could not be asked,
+2 usage error.
+
+Examples:
+  consul-leader status --key jobs/report
+  consul-leader status --key jobs/report --json | jq -r .holder")]
 pub struct StatusArgs {
     /// The Consul KV key to inspect.
     #[arg(long, value_name = "KEY")]

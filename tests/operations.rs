@@ -5,6 +5,7 @@
 mod common;
 
 use std::os::unix::net::UnixDatagram;
+use std::os::unix::process::ExitStatusExt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -293,4 +294,74 @@ async fn the_token_never_reaches_a_log_line_or_the_child() {
     let err = bad.stderr_text();
     assert!(err.contains("session:write"), "{err}");
     assert!(!err.contains(wrong), "{err}");
+}
+
+/// The systemd unit in `contrib/` (and in the README) runs as systemd would run it: its ExecStart
+/// arguments against a dev agent, `NOTIFY_SOCKET` and `WATCHDOG_USEC` set, and on stop SIGTERM to
+/// the main process only (`KillMode=mixed`), which must finish well within `TimeoutStopSec`.
+#[test]
+fn the_systemd_unit_works_as_systemd_runs_it() {
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/contrib/systemd/report-worker.service"
+    ))
+    .unwrap();
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    assert!(
+        readme.contains(unit.trim()),
+        "README.md must show contrib/systemd/report-worker.service as it is"
+    );
+    let setting = |name: &str| {
+        unit.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}=")))
+            .unwrap_or_else(|| panic!("the unit has no {name}="))
+            .to_string()
+    };
+    assert_eq!(setting("Type"), "notify");
+    assert_eq!(setting("KillMode"), "mixed");
+    let timeout = humantime::parse_duration(&setting("TimeoutStopSec")).unwrap();
+
+    let exec = setting("ExecStart");
+    let mut argv: Vec<&str> = exec.split_whitespace().collect();
+    assert!(
+        argv[0].ends_with("consul-leader") && argv[1] == "run",
+        "{exec}"
+    );
+    let sep = argv.iter().position(|a| *a == "--").unwrap();
+    argv.truncate(sep);
+    let (agent, timing) = agent();
+    let fx = Fixture::new();
+    let sock = NotifySocket::bind(&fx);
+    let key = agent.key("unit");
+    let mut b = WrapperBuilder::new(&agent, &fx, &key, &timing)
+        .env("NOTIFY_SOCKET", sock.path.to_str().unwrap())
+        .env("WATCHDOG_USEC", "1000000");
+    // The unit's own options, with the test's key (the builder already gave --key).
+    let mut rest = argv[2..].iter();
+    while let Some(arg) = rest.next() {
+        match *arg {
+            "--key" => {
+                rest.next();
+            }
+            a if a.starts_with("--") => {
+                let value = rest.next().unwrap();
+                b = b.flag(a, value);
+            }
+            a => panic!("unexpected argument {a} in {exec}"),
+        }
+    }
+    let mut w = b.spawn();
+    fx.wait_journal("the worker started", |ev| {
+        ev.iter().any(|e| e.is_main_start())
+    });
+    sock.wait_for("READY=1", |l| l == "READY=1");
+    let stop_started = std::time::Instant::now();
+    w.signal(Signal::SIGTERM);
+    let st = w
+        .wait_exit(timeout)
+        .expect("the wrapper stops within TimeoutStopSec");
+    assert!(stop_started.elapsed() < timeout);
+    assert_eq!(st.signal(), Some(Signal::SIGTERM as i32));
+    fx.wait_none_left(DEADLINE);
 }
