@@ -303,7 +303,11 @@ impl Leader {
                     return Ok((id, sent));
                 }
                 Err(e) if !first && e.is_transient() => {
-                    warn!("cannot create a session yet: {e}; retrying");
+                    if attempt == 0 {
+                        warn!("cannot create a session yet: {e}; retrying");
+                    } else {
+                        debug!("cannot create a session yet: {e}; retrying");
+                    }
                     let pause = election::backoff(
                         attempt,
                         Duration::from_millis(500),
@@ -435,6 +439,14 @@ impl Leader {
         if let Some(sig) = self.signals.pending_stop() {
             self.release(session, &value).await;
             return TermEnd::Done(Outcome::Signal(sig));
+        }
+        // Nor may a child start when the session cannot be trusted any more.
+        let r = *renewals.borrow();
+        let fence = election::fence_at(r.last_ok_sent.into_std(), cfg.ttl, cfg.grace);
+        if r.gone || std::time::Instant::now() >= fence {
+            let reason = "the session could not be renewed before the command was to start";
+            error!("lost leadership on {}: {reason}", cfg.key);
+            return TermEnd::Lost(reason.into());
         }
         let spec = self.child_spec(session, acquired.fencing_token);
         let pid = match self.supervisor.spawn(&spec) {
