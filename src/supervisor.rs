@@ -258,6 +258,13 @@ impl Running {
 struct Guard {
     pid: Pid,
     /// The write end. Dropping it while the guard lives makes the guard kill the group.
+    #[cfg_attr(
+        not(test),
+        expect(
+            dead_code,
+            reason = "held, never read: dropping it is what closes the pipe"
+        )
+    )]
     pipe: Option<OwnedFd>,
 }
 
@@ -356,6 +363,10 @@ impl Supervisor {
     }
 
     /// The running command's pid, until its stop completes.
+    #[cfg_attr(
+        not(test),
+        expect(dead_code, reason = "the app keeps the pid spawn returns")
+    )]
     pub fn child_pid(&self) -> Option<u32> {
         self.child.as_ref().map(|run| run.pid.as_raw() as u32)
     }
