@@ -60,6 +60,7 @@ complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l part
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l shell -d 'Run the command through `sh -c` (one string) instead of executing it directly'
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l no-node-check -d 'Do not bind the node\'s serfHealth check to the session'
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -s q -l quiet -d 'Only print errors'
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -s v -l verbose -d 'Also print debug lines (each renew, session IDs, forwarded signals)'
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -s V -l version -d 'Print version'
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -l key -d 'The Consul KV key to inspect' -r

@@ -51,7 +51,7 @@ pub fn main(args: Box<RunArgs>) -> ExitCode {
             return ExitCode::from(exit::USAGE);
         }
     };
-    crate::logging::init(cfg.quiet, cfg.log_format);
+    crate::logging::init(cfg.quiet, cfg.verbose, cfg.log_format);
     // A current-thread runtime on the main thread: the child is spawned from this thread, and its
     // PR_SET_PDEATHSIG fires when the spawning *thread* exits, so it must be one that lives as long
     // as the process.

@@ -224,8 +224,12 @@ pub struct RunArgs {
     pub name: Option<String>,
 
     /// Only print errors.
-    #[arg(short, long)]
+    #[arg(short, long, conflicts_with = "verbose")]
     pub quiet: bool,
+
+    /// Also print debug lines (each renew, session IDs, forwarded signals).
+    #[arg(short, long)]
+    pub verbose: bool,
 
     /// Log line format on stderr.
     #[arg(long, value_enum, default_value = "text")]

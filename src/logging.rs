@@ -1,6 +1,6 @@
 //! Log lines on stderr: one line per state change, human-readable by default, JSON on request.
-//! `-q` keeps only errors; `CONSUL_LEADER_LOG` (an `EnvFilter` directive such as `debug`) overrides
-//! the level for troubleshooting.
+//! `-q` keeps only errors, `-v` adds debug lines; `CONSUL_LEADER_LOG` (an `EnvFilter` directive
+//! such as `consul_leader=trace`) overrides both for troubleshooting.
 
 use std::io::IsTerminal;
 
@@ -8,8 +8,12 @@ use tracing_subscriber::EnvFilter;
 
 use crate::cli::LogFormat;
 
-pub fn init(quiet: bool, format: LogFormat) {
-    let default = if quiet { "error" } else { "info" };
+pub fn init(quiet: bool, verbose: bool, format: LogFormat) {
+    let default = match (quiet, verbose) {
+        (true, _) => "error",
+        (false, true) => "debug",
+        (false, false) => "info",
+    };
     let filter = EnvFilter::try_from_env("CONSUL_LEADER_LOG")
         .unwrap_or_else(|_| EnvFilter::new(format!("consul_leader={default}")));
     let builder = tracing_subscriber::fmt()

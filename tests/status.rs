@@ -1,0 +1,153 @@
+//! `consul-leader status` through the real binary: held, free, cleanly released, ended without a
+//! clean release, held by `consul lock`, absent, not a lock; text and JSON; exit codes.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::leader::{
+    DEADLINE, Fixture, LOCK_FLAGS, WrapperBuilder, acquire_as_lock, agent, lock_state,
+};
+use common::{DevAgent, bin_path};
+use nix::sys::signal::Signal;
+use serde_json::Value;
+
+fn status(agent: &DevAgent, key: &str, json: bool) -> Output {
+    let mut cmd = Command::new(bin_path());
+    cmd.args(["status", "--key", key])
+        .env("CONSUL_HTTP_ADDR", agent.addr());
+    if json {
+        cmd.arg("--json");
+    }
+    cmd.env_remove("CONSUL_HTTP_TOKEN")
+        .output()
+        .expect("run status")
+}
+
+fn text(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn json(o: &Output) -> Value {
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", text(o)))
+}
+
+#[tokio::test]
+async fn status_follows_a_key_through_its_life() {
+    let (agent, timing) = agent();
+    let fx = Fixture::new();
+    let key = agent.key("life");
+
+    // Absent.
+    let o = status(&agent, &key, false);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        text(&o).contains("free (the key does not exist)"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(json(&status(&agent, &key, true))["state"], "absent");
+
+    // Held by a wrapper.
+    let mut w = WrapperBuilder::new(&agent, &fx, &key, &timing).spawn();
+    fx.wait_journal("the child started", |ev| {
+        ev.iter().any(|e| e.is_main_start())
+    });
+    let (session, lock_index, _) = lock_state(&agent, "life").await.unwrap();
+    let o = status(&agent, &key, false);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let t = text(&o);
+    assert!(t.contains("state           held"), "{t}");
+    assert!(
+        t.contains(&format!(":{}", w.pid())),
+        "the holder names the wrapper's pid: {t}"
+    );
+    let j = json(&status(&agent, &key, true));
+    assert_eq!(j["held"], true);
+    assert_eq!(j["session"], session.clone().unwrap());
+    assert_eq!(j["pid"], w.pid());
+    assert_eq!(j["fencing_token"], lock_index);
+    assert_eq!(j["written_by"], "consul-leader");
+    assert!(j["since"].as_str().is_some_and(|s| s.ends_with('Z')), "{j}");
+    assert!(j["node"].is_string(), "{j}");
+
+    // Released cleanly.
+    w.signal(Signal::SIGTERM);
+    let _ = w.wait_exit(DEADLINE).expect("the wrapper exits");
+    let o = status(&agent, &key, false);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        text(&o).contains("released        cleanly, at "),
+        "{}",
+        text(&o)
+    );
+    let j = json(&status(&agent, &key, true));
+    assert_eq!(
+        (j["state"].as_str(), j["released_clean"].as_bool()),
+        (Some("free"), Some(true))
+    );
+
+    // Held again, then ended from outside: free, but not cleanly.
+    let mut w = WrapperBuilder::new(&agent, &fx, &key, &timing).spawn();
+    fx.wait_journal("the second child started", |ev| {
+        ev.iter().filter(|e| e.is_main_start()).count() >= 2
+    });
+    let (session, _, _) = lock_state(&agent, "life").await.unwrap();
+    agent.destroy_session(&session.unwrap()).await;
+    assert_eq!(w.wait_exit(DEADLINE).and_then(|s| s.code()), Some(76));
+    let j = json(&status(&agent, &key, true));
+    assert_eq!(j["released_clean"], false, "{j}");
+    assert!(text(&status(&agent, &key, false)).contains("not cleanly"));
+    fx.wait_none_left(DEADLINE);
+}
+
+#[tokio::test]
+async fn status_reads_consul_lock_keys_and_names_other_keys() {
+    let (agent, _) = agent();
+    let session = agent
+        .create_session(serde_json::json!({"Name": "Consul lock for 'backup' at 'jobs/backup'"}))
+        .await;
+    assert!(acquire_as_lock(&agent, "clock", &session, b"").await);
+    let o = status(&agent, &agent.key("clock"), false);
+    assert_eq!(o.status.code(), Some(0));
+    let t = text(&o);
+    assert!(
+        t.contains("Consul lock for 'backup'"),
+        "the session name is shown: {t}"
+    );
+    assert!(t.contains("consul lock / api.Lock"), "{t}");
+    let j = json(&status(&agent, &agent.key("clock"), true));
+    assert_eq!(
+        (j["held"].as_bool(), j["flags"].as_u64()),
+        (Some(true), Some(LOCK_FLAGS))
+    );
+    agent.destroy_session(&session).await;
+
+    agent.kv_put("plain", b"some data").await;
+    let o = status(&agent, &agent.key("plain"), false);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).contains("not a lock"), "{}", text(&o));
+}
+
+#[test]
+fn status_errors_say_what_to_fix() {
+    let o = Command::new(bin_path())
+        .args(["status", "--key", "jobs/x"])
+        .env("CONSUL_HTTP_ADDR", "127.0.0.1:1")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(125));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("127.0.0.1:1") && err.contains("CONSUL_HTTP_ADDR"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+
+    let o = Command::new(bin_path())
+        .args(["status", "--key", "/jobs/x"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("leading slash"));
+}
