@@ -946,11 +946,18 @@ async fn contend(
                             if expired(deadline) {
                                 return Err(ContendEnd::Busy);
                             }
-                            let cap = cfg
-                                .lock_delay
-                                .clamp(Duration::from_millis(50), Duration::from_secs(1));
-                            let mut pause =
-                                election::backoff(delay_attempt, Duration::from_millis(50), cap);
+                            // Sleep until the lock-delay probably ends, then retry briskly,
+                            // with jitter so that contenders do not knock in lockstep.
+                            let now = std::time::Instant::now();
+                            let brisk = election::backoff(
+                                delay_attempt,
+                                Duration::from_millis(25),
+                                Duration::from_millis(250),
+                            );
+                            let mut pause = match free_watch.lock_delay_ends(cfg.lock_delay) {
+                                Some(end) if end > now + brisk => end - now + brisk / 2,
+                                _ => brisk,
+                            };
                             if let Some(d) = deadline {
                                 pause = pause.min(d.saturating_duration_since(Instant::now()));
                             }

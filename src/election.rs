@@ -192,6 +192,13 @@ impl FreeWatch {
         }
     }
 
+    /// When the lock-delay that refuses the key probably ends: `lock_delay` after the key was
+    /// first seen free (the previous holder's session ended about then, and contenders usually
+    /// share one configuration). `None` when the key has not been seen free.
+    pub fn lock_delay_ends(&self, lock_delay: Duration) -> Option<Instant> {
+        self.first_seen_free.map(|t| t + lock_delay)
+    }
+
     /// When our child may start, having acquired at `now`: `None` means at once.
     pub fn silence_until(&self, silence: Duration, now: Instant) -> Option<Instant> {
         if !self.needs_silence || silence.is_zero() {
@@ -372,6 +379,31 @@ mod tests {
         assert_eq!(
             w.silence_until(Duration::from_secs(15), t0 + Duration::from_secs(5)),
             Some(t0 + Duration::from_secs(20))
+        );
+    }
+
+    #[test]
+    fn lock_delay_is_expected_to_end_a_lock_delay_after_the_first_free_sighting() {
+        let t0 = Instant::now();
+        let mut w = FreeWatch::default();
+        assert_eq!(w.lock_delay_ends(Duration::from_secs(15)), None);
+        w.observe(
+            &KeyView::Free {
+                clean: false,
+                had_holder: true,
+            },
+            t0,
+        );
+        w.observe(
+            &KeyView::Free {
+                clean: false,
+                had_holder: true,
+            },
+            t0 + Duration::from_secs(3),
+        );
+        assert_eq!(
+            w.lock_delay_ends(Duration::from_secs(15)),
+            Some(t0 + Duration::from_secs(15))
         );
     }
 
