@@ -62,6 +62,7 @@
 //!   When the winner was blocked on the key as it was freed, it saw the free at once, so its child
 //!   must also start by s + 1.5s after the free: lock-delay and silence overlap, not add up. (A
 //!   black-holed leader that heals after the free may win and wait out its own silence from then.)
+//!   The whole change ends by (old session's latest end) + d + s + 3s.
 //!   The key must be freed in time: after SIGKILL by fault + 2T + 1.5s (the agent expires a
 //!   session 2T after its last renew, which was before the fault); after a destroy within 1s of
 //!   its answer; after a black-hole by max(fault + 2T, heal) + 1.5s (healing delivers renews that
@@ -128,6 +129,8 @@ const UNCLEAN_LATE: Duration = Duration::from_millis(1_500);
 /// Key freed to the first acquire: lock-delay (1s) plus the longest backoff step (1.25s) plus 1s
 /// of slack. A blind 5s retry fails it.
 const ACQUIRE_LATE: Duration = Duration::from_millis(3_250);
+/// Old session's end to the new child's start, beyond lock-delay + silence.
+const UNCLEAN_TOTAL_SLACK: Duration = Duration::from_secs(3);
 const EXPIRY_SLACK: Duration = Duration::from_millis(1_500);
 const DESTROY_FREE_MAX: Duration = Duration::from_secs(1);
 const DETECTION_MAX: Duration = Duration::from_millis(1_500);
@@ -1294,6 +1297,25 @@ impl Chaos {
                     )
                 });
             }
+            // The whole change: the old session ends by 2T after the fault (after the heal,
+            // or the destroy's answer), then lock-delay and silence, with slack for the retry
+            // steps and a busy machine.
+            let ended_by = match t.kind {
+                Kind::Kill => t.fault_us + us(TTL * 2),
+                Kind::Destroy => t.done_us,
+                _ => (t.fault_us + us(TTL * 2)).max(t.done_us),
+            };
+            self.check(
+                start_us <= ended_by + us(LOCK_DELAY + SILENCE + UNCLEAN_TOTAL_SLACK),
+                || {
+                    format!(
+                        "{what}: the new child started {} after the fault; the old session ended \
+                         by {} after it, then lock-delay {LOCK_DELAY:?} and silence {SILENCE:?}",
+                        fmt_delta(start_us, t.fault_us),
+                        fmt_delta(ended_by, t.fault_us)
+                    )
+                },
+            );
             let expiry = us(TTL * 2) + us(EXPIRY_SLACK);
             match t.kind {
                 Kind::Kill => {
@@ -1526,6 +1548,14 @@ impl Chaos {
             s.handovers.len(),
             s.handovers.len() - clean,
             s.escaped_killed
+        );
+        out += &format!(
+            "bounds: clean old end->new <= {CLEAN_MAX:?}; unclean key free->acquire <= \
+             {ACQUIRE_LATE:?}, key free->new >= {:?} (and <= {:?} when the winner was waiting), \
+             old session end->new <= {:?}\n",
+            SILENCE - UNCLEAN_EARLY,
+            SILENCE + UNCLEAN_LATE,
+            LOCK_DELAY + SILENCE + UNCLEAN_TOTAL_SLACK
         );
         out += &format!(
             "{:<16} {:>5}  {:>23}  {:>23}  {:>23}\n",
