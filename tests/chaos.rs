@@ -107,6 +107,8 @@ const TTL: Duration = Duration::from_secs(3);
 const GRACE: Duration = Duration::from_millis(500);
 const SILENCE: Duration = Duration::from_secs(3);
 const LOCK_DELAY: Duration = Duration::from_secs(1);
+/// The wrappers renew every TTL/3.
+const RENEW_EVERY: Duration = Duration::from_secs(1);
 
 fn timing() -> Timing {
     Timing {
@@ -154,6 +156,15 @@ fn fmt_us(v: u64) -> String {
 fn fmt_delta(a: u64, b: u64) -> String {
     let d = a as i64 - b as i64;
     format!("{:+.3}s", d as f64 / 1e6)
+}
+
+/// Waits a random phase before a fault. Every timing of the scenario is a multiple of the renew
+/// period (T/3 = 1s), so without it each fault would land at the same point of the leader's renew
+/// cycle, round after round (a new leader's child starts a whole number of periods after its
+/// session's renews began). The phase is the round's input, not a stand-in for waiting on a
+/// condition.
+fn offset_fault(d: Duration) {
+    std::thread::sleep(d);
 }
 
 /// Holds a fault for its length: the length is the round's input, not a stand-in for waiting on a
@@ -851,6 +862,9 @@ impl Chaos {
             self.round = round;
             let kind = self.draw();
             *self.stats.faults.entry(kind).or_default() += 1;
+            let phase = Duration::from_millis(self.rng.random_range(0..=us(RENEW_EVERY) / 1000));
+            self.note(format!("{} after a phase of {phase:?}", kind.name()));
+            offset_fault(phase);
             leader = match kind {
                 Kind::Kill => self.kill_wrapper(&leader),
                 Kind::Term => self.term_wrapper(&leader),
