@@ -168,6 +168,14 @@ impl SessionRequest {
     }
 }
 
+/// Parses a JSON answer, naming the call that got it when it cannot.
+fn decode<T: serde::de::DeserializeOwned>(op: &'static str, body: &[u8]) -> Result<T, ConsulError> {
+    serde_json::from_slice(body).map_err(|e| ConsulError::Decode {
+        op,
+        detail: e.to_string(),
+    })
+}
+
 /// Short timeout for non-blocking calls; a renew must not hang past the leader's deadline.
 const SHORT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -354,10 +362,7 @@ impl Client {
             #[serde(rename = "ID")]
             id: String,
         }
-        let created: Created = serde_json::from_slice(&body).map_err(|e| ConsulError::Decode {
-            op: OP,
-            detail: e.to_string(),
-        })?;
+        let created: Created = decode(OP, &body)?;
         Ok(SessionId(created.id))
     }
 
@@ -380,11 +385,7 @@ impl Client {
         match status {
             StatusCode::NOT_FOUND => Ok(None),
             StatusCode::OK => {
-                let list: Vec<SessionEntry> =
-                    serde_json::from_slice(&body).map_err(|e| ConsulError::Decode {
-                        op: OP,
-                        detail: e.to_string(),
-                    })?;
+                let list: Vec<SessionEntry> = decode(OP, &body)?;
                 Ok(list.into_iter().next())
             }
             _ => Err(Self::unexpected(OP, status, &body)),
@@ -423,11 +424,7 @@ impl Client {
         if status != StatusCode::OK {
             return Err(Self::unexpected(OP, status, &body));
         }
-        let list: Vec<SessionEntry> =
-            serde_json::from_slice(&body).map_err(|e| ConsulError::Decode {
-                op: OP,
-                detail: e.to_string(),
-            })?;
+        let list: Vec<SessionEntry> = decode(OP, &body)?;
         Ok(list.into_iter().next())
     }
 
@@ -470,11 +467,7 @@ impl Client {
         match status {
             StatusCode::NOT_FOUND => Ok((None, index)),
             StatusCode::OK => {
-                let list: Vec<KvEntry> =
-                    serde_json::from_slice(&body).map_err(|e| ConsulError::Decode {
-                        op: OP,
-                        detail: e.to_string(),
-                    })?;
+                let list: Vec<KvEntry> = decode(OP, &body)?;
                 Ok((list.into_iter().next(), index))
             }
             _ => Err(Self::unexpected(OP, status, &body)),
