@@ -52,8 +52,8 @@ use std::process::ExitStatus;
 use std::time::{Duration, UNIX_EPOCH};
 
 use common::leader::{
-    DEADLINE, DeathWatch, Event, Fixture, Timing, WrapperBuilder, lifetimes, lock_state, now_us,
-    overlaps,
+    DEADLINE, DeathWatch, Event, Fixture, Timing, WrapperBuilder, exit_of, lifetimes, lock_state,
+    now_us, overlaps,
 };
 use common::proxy::{FaultProxy, Mode};
 use common::{DevAgent, Http, Proc, TEST_ADDR_ENV, wait_until_sync};
@@ -747,11 +747,6 @@ fn wait_standby(w: &Proc) {
     wait_until_sync("the second wrapper waits for the lock", DEADLINE, || {
         w.stderr_text().contains("waiting for the lock")
     });
-}
-
-fn exit_of(w: &mut Proc) -> ExitStatus {
-    w.wait_exit(DEADLINE)
-        .unwrap_or_else(|| panic!("the wrapper did not exit in time\n{}", w.output_report()))
 }
 
 fn st_signal(st: ExitStatus) -> Option<i32> {

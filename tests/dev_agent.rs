@@ -31,26 +31,6 @@ fn assert_body(r: &Resp, expected: &str) {
     );
 }
 
-#[track_caller]
-fn assert_body_starts(r: &Resp, prefix: &str) {
-    let t = r.text();
-    assert!(
-        t.starts_with(prefix),
-        "{}: body {t:?} should start with {prefix:?}",
-        r.what
-    );
-}
-
-#[track_caller]
-fn assert_body_contains(r: &Resp, needle: &str) {
-    let t = r.text();
-    assert!(
-        t.contains(needle),
-        "{}: body {t:?} should contain {needle:?}",
-        r.what
-    );
-}
-
 /// Creates two default sessions, `S` and `S2`, as the checklist's scenario assumes.
 async fn two_sessions(a: &DevAgent) -> (String, String) {
     (

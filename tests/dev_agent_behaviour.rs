@@ -22,26 +22,6 @@ const PROMPT: Duration = Duration::from_secs(5);
 /// Generous deadline for an asynchronous effect (a check synced to the catalog, a timer firing).
 const EVENTUALLY: Duration = Duration::from_secs(15);
 
-#[track_caller]
-fn assert_body_starts(r: &Resp, prefix: &str) {
-    let t = r.text();
-    assert!(
-        t.starts_with(prefix),
-        "{}: body {t:?} should start with {prefix:?}",
-        r.what
-    );
-}
-
-#[track_caller]
-fn assert_body_contains(r: &Resp, needle: &str) {
-    let t = r.text();
-    assert!(
-        t.contains(needle),
-        "{}: body {t:?} should contain {needle:?}",
-        r.what
-    );
-}
-
 fn spawn_get(http: &Http, path: String) -> tokio::task::JoinHandle<Resp> {
     let http = http.clone();
     tokio::spawn(async move { http.get(&path).await })

@@ -7,25 +7,12 @@ mod common;
 use std::time::Duration;
 
 use common::leader::{
-    DEADLINE, DeathWatch, Fixture, Timing, WrapperBuilder, lifetimes, lock_state, now_us, overlaps,
+    DEADLINE, DeathWatch, Fixture, SHORT, Timing, WrapperBuilder, exit_of, lifetimes, local_agent,
+    lock_state, now_us, overlaps,
 };
 use common::proxy::{FaultProxy, Mode};
-use common::{DevAgent, Proc, wait_until, wait_until_sync};
+use common::{Proc, wait_until, wait_until_sync};
 use nix::sys::signal::Signal;
-
-fn exit_of(w: &mut Proc) -> std::process::ExitStatus {
-    w.wait_exit(DEADLINE)
-        .unwrap_or_else(|| panic!("the wrapper did not exit in time\n{}", w.output_report()))
-}
-
-fn local_agent() -> Option<DevAgent> {
-    // The proxy needs an agent address on this machine; a real agent may be elsewhere.
-    if DevAgent::is_real() {
-        eprintln!("SKIPPED: fault tests put a proxy in front of a local dev agent");
-        return None;
-    }
-    DevAgent::builder().ttl_min("1s").start()
-}
 
 /// Holds a fault for a fixed time on purpose: the fault's duration is the test's input, not a
 /// stand-in for waiting on a condition.
@@ -232,12 +219,7 @@ async fn f4_failed_bound_check_ends_leadership() {
         .register_check(serde_json::json!({"Name": check, "TTL": "10m"}))
         .await;
     agent.check_update("pass", &check).await;
-    let timing = Timing {
-        ttl: "3s",
-        lock_delay: "1s",
-        silence: "1s",
-        grace: "1s",
-    };
+    let timing = SHORT;
     let mut w = WrapperBuilder::new(&agent, &fx, &key, &timing)
         .flag("--check", &check)
         .spawn();

@@ -9,15 +9,12 @@ use std::os::unix::process::ExitStatusExt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::leader::{DEADLINE, Fixture, Timing, WrapperBuilder, agent, now_us, read_env_file};
+use common::leader::{
+    DEADLINE, Fixture, SHORT, WrapperBuilder, agent, exit_of, local_agent, now_us, read_env_file,
+};
 use common::proxy::{FaultProxy, Mode};
-use common::{DevAgent, Proc, wait_until_sync};
+use common::{DevAgent, wait_until_sync};
 use nix::sys::signal::Signal;
-
-fn exit_of(w: &mut Proc) -> std::process::ExitStatus {
-    w.wait_exit(DEADLINE)
-        .unwrap_or_else(|| panic!("the wrapper did not exit in time\n{}", w.output_report()))
-}
 
 /// A `NOTIFY_SOCKET` of the test's own: every datagram, with the time it arrived.
 struct NotifySocket {
@@ -144,21 +141,12 @@ fn systemd_hears_ready_status_watchdog_and_stopping() {
 
 #[test]
 fn watchdog_pings_stop_when_the_session_cannot_renew() {
-    if DevAgent::is_real() {
-        eprintln!("SKIPPED: needs a proxy in front of a local dev agent");
-        return;
-    }
-    let agent = DevAgent::builder().ttl_min("1s").start().unwrap();
+    let Some(agent) = local_agent() else { return };
     let proxy = FaultProxy::start(agent.addr().parse().unwrap());
     let fx = Fixture::new();
     let key = agent.key("watchdog");
     let sock = NotifySocket::bind(&fx);
-    let timing = Timing {
-        ttl: "3s",
-        lock_delay: "1s",
-        silence: "1s",
-        grace: "1s",
-    };
+    let timing = SHORT;
     let mut w = WrapperBuilder::new(&agent, &fx, &key, &timing)
         .env("CONSUL_HTTP_ADDR", &proxy.addr().to_string())
         .env("NOTIFY_SOCKET", sock.path.to_str().unwrap())
@@ -228,12 +216,7 @@ async fn the_token_never_reaches_a_log_line_or_the_child() {
         .unwrap();
     let fx = Fixture::new();
     let key = agent.key("secret");
-    let timing = Timing {
-        ttl: "3s",
-        lock_delay: "1s",
-        silence: "1s",
-        grace: "1s",
-    };
+    let timing = SHORT;
     let env_file = fx.dir.join("env");
     let token_file = fx.dir.join("token");
     std::fs::write(&token_file, format!("{token}\n")).unwrap();

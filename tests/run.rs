@@ -9,17 +9,11 @@ use std::os::unix::process::ExitStatusExt;
 use std::time::Duration;
 
 use common::leader::{
-    DEADLINE, Fixture, WrapperBuilder, acquire_as_lock, agent, lifetimes, lock_state, now_us,
-    overlaps, parent, pid_alive, read_env_file, sessions_for,
+    DEADLINE, Fixture, WrapperBuilder, acquire_as_lock, agent, exit_of, lifetimes, lock_state,
+    now_us, overlaps, parent, pid_alive, read_env_file, sessions_for,
 };
 use common::{Proc, wait_until};
 use nix::sys::signal::Signal;
-
-/// Waits for the wrapper to exit and returns its status, printing its output if it does not.
-fn exit_of(w: &mut Proc) -> std::process::ExitStatus {
-    w.wait_exit(DEADLINE)
-        .unwrap_or_else(|| panic!("the wrapper did not exit in time\n{}", w.output_report()))
-}
 
 /// Count of journal events of `kind` with `detail`.
 fn count(events: &[common::leader::Event], kind: &str, detail: &str) -> usize {

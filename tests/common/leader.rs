@@ -31,6 +31,14 @@ pub struct Timing {
     pub grace: &'static str,
 }
 
+/// Short timings for a local dev agent whose session TTL minimum is lowered to 1s.
+pub const SHORT: Timing = Timing {
+    ttl: "3s",
+    lock_delay: "1s",
+    silence: "1s",
+    grace: "1s",
+};
+
 /// A dev agent with a lowered session TTL minimum, or the real agent of `CONSUL_LEADER_TEST_ADDR`.
 pub fn agent() -> (DevAgent, Timing) {
     if DevAgent::is_real() {
@@ -46,14 +54,26 @@ pub fn agent() -> (DevAgent, Timing) {
             .ttl_min("1s")
             .start()
             .expect("a local dev agent");
-        let timing = Timing {
-            ttl: "3s",
-            lock_delay: "1s",
-            silence: "1s",
-            grace: "1s",
-        };
-        (agent, timing)
+        (agent, SHORT)
     }
+}
+
+/// A local dev agent with a lowered session TTL minimum, for tests that need one (a fault proxy in
+/// front of it, short TTLs); `None`, after a note, when the suite runs against a real agent.
+pub fn local_agent() -> Option<DevAgent> {
+    if DevAgent::is_real() {
+        eprintln!(
+            "SKIPPED: this test needs a local dev agent (a proxy in front of it, short TTLs)"
+        );
+        return None;
+    }
+    DevAgent::builder().ttl_min("1s").start()
+}
+
+/// Waits for a wrapper to exit and returns its status; on time-out, fails with its output.
+pub fn exit_of(w: &mut Proc) -> std::process::ExitStatus {
+    w.wait_exit(DEADLINE)
+        .unwrap_or_else(|| panic!("the wrapper did not exit in time\n{}", w.output_report()))
 }
 
 /// One test's fixture state: its marker, journal and scratch directory.

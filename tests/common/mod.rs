@@ -1035,6 +1035,28 @@ pub async fn join_within<T>(what: &str, task: tokio::task::JoinHandle<T>, deadli
     }
 }
 
+/// Asserts that a response body starts with `prefix`, naming the request when it does not.
+#[track_caller]
+pub fn assert_body_starts(r: &Resp, prefix: &str) {
+    let t = r.text();
+    assert!(
+        t.starts_with(prefix),
+        "{}: body {t:?} should start with {prefix:?}",
+        r.what
+    );
+}
+
+/// Asserts that a response body contains `needle`, naming the request when it does not.
+#[track_caller]
+pub fn assert_body_contains(r: &Resp, needle: &str) {
+    let t = r.text();
+    assert!(
+        t.contains(needle),
+        "{}: body {t:?} should contain {needle:?}",
+        r.what
+    );
+}
+
 /// Peak resident set size (VmHWM) of a process, in KiB, from `/proc/<pid>/status`.
 pub fn peak_rss_kib(pid: u32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
