@@ -170,6 +170,8 @@ enum ContendEnd {
 }
 
 struct Acquired {
+    /// What we wrote into the key: released (marked clean) with the same holder and time.
+    value: HolderValue,
     fencing_token: u64,
     index: ConsulIndex,
     silence_until: Option<Instant>,
@@ -398,7 +400,7 @@ impl Leader {
         acquired: Acquired,
     ) -> TermEnd {
         let cfg = self.cfg.clone();
-        let value = HolderValue::new(&cfg.host, session);
+        let value = acquired.value.clone();
         info!(
             "acquired the lock on {} (fencing token {})",
             cfg.key, acquired.fencing_token
@@ -634,13 +636,13 @@ fn session_hint(e: &ConsulError) -> String {
         ConsulError::Status { body, .. } if body.contains("Session TTL") => {
             format!("{e}; the agent's session_ttl_min is larger than --ttl, raise --ttl")
         }
-        ConsulError::Status { body, .. }
-            if body.contains("Missing check") || body.contains("critical") =>
-        {
-            format!(
-                "{e}; check the --check IDs, or pass --no-node-check if the node has no serfHealth"
-            )
-        }
+        ConsulError::Status { body, .. } if body.contains("Missing check") => format!(
+            "{e}; check the --check IDs, or pass --no-node-check if the node has no serfHealth"
+        ),
+        ConsulError::Status { body, .. } if body.contains("critical") => format!(
+            "{e}; Consul binds no failing check to a session: make the check pass, or leave it out \
+             (--check, --no-node-check)"
+        ),
         _ => e.to_string(),
     }
 }
@@ -825,7 +827,6 @@ async fn contend(
     free_watch: &mut FreeWatch,
 ) -> Result<Acquired, ContendEnd> {
     const MAX_BLOCK: Duration = Duration::from_secs(300);
-    let value = HolderValue::new(&cfg.host, session).to_bytes();
     let mut index = ConsulIndex(0);
     let mut announced: Option<String> = None;
     let mut delay_attempt = 0u32;
@@ -898,8 +899,10 @@ async fn contend(
             }
             KeyView::Ours { .. } | KeyView::Absent | KeyView::Free { .. } => {}
         }
+        // Made at each attempt, so that `acquired_at` says when we won, not when we began to wait.
+        let value = HolderValue::new(&cfg.host, session);
         let failed: ConsulError = match client
-            .kv_acquire(&cfg.key, session, LOCK_FLAG_VALUE, value.clone())
+            .kv_acquire(&cfg.key, session, LOCK_FLAG_VALUE, value.to_bytes())
             .await
         {
             Ok(true) => {
@@ -915,6 +918,7 @@ async fn contend(
                             .silence_until(cfg.silence, Instant::now().into_std())
                             .map(Instant::from_std);
                         return Ok(Acquired {
+                            value,
                             fencing_token: e.lock_index,
                             index: idx,
                             silence_until,

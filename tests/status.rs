@@ -151,3 +151,39 @@ fn status_errors_say_what_to_fix() {
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("leading slash"));
 }
+
+/// A wrapper that waited before it won records when it won, not when it began to wait.
+#[tokio::test]
+async fn since_is_when_the_lock_was_won() {
+    let (agent, timing) = agent();
+    let fx = Fixture::new();
+    let key = agent.key("since");
+    let mut first = WrapperBuilder::new(&agent, &fx, &key, &timing).spawn();
+    fx.wait_journal("the first child started", |ev| {
+        ev.iter().any(|e| e.is_main_start())
+    });
+    let mut second = WrapperBuilder::new(&agent, &fx, &key, &timing).spawn();
+    common::wait_until_sync("the second waits", DEADLINE, || {
+        second.stderr_text().contains("waiting for the lock")
+    });
+    // Let the second wait across a second boundary (`since` has whole seconds): the wait is the
+    // scenario's input, not a stand-in for a condition.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let handed_over = std::time::SystemTime::now();
+    first.signal(Signal::SIGTERM);
+    let _ = first.wait_exit(DEADLINE).expect("the first wrapper exits");
+    fx.wait_journal("the second child started", |ev| {
+        ev.iter().filter(|e| e.is_main_start()).count() >= 2
+    });
+    let j = json(&status(&agent, &key, true));
+    assert_eq!(j["pid"], second.pid(), "{j}");
+    let since = humantime::parse_rfc3339(j["since"].as_str().unwrap()).unwrap();
+    let floor = handed_over - std::time::Duration::from_secs(1);
+    assert!(
+        since >= floor,
+        "since {j} is before the handover at {handed_over:?}"
+    );
+    second.signal(Signal::SIGTERM);
+    let _ = second.wait_exit(DEADLINE);
+    fx.wait_none_left(DEADLINE);
+}
