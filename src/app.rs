@@ -18,9 +18,10 @@ use tokio::time::{Instant, sleep, sleep_until};
 use tracing::{debug, error, info, warn};
 
 use crate::cli::{OnLost, RunArgs};
+use crate::clock::{self, BootTime};
 use crate::config::RunConfig;
 use crate::consul::{Client, ConsulError, ConsulIndex, ReadOpts, SessionId, SessionRequest};
-use crate::election::{self, FreeWatch, HolderValue, KeyView};
+use crate::election::{self, Fence, FreeWatch, HolderValue, KeyView};
 use crate::exit;
 use crate::notify;
 use crate::supervisor::{ChildExit, ChildSpec, Supervisor};
@@ -148,7 +149,7 @@ impl Signals {
 /// session is gone.
 #[derive(Debug, Clone, Copy)]
 struct Renewal {
-    last_ok_sent: Instant,
+    last_ok_sent: BootTime,
     gone: bool,
 }
 
@@ -280,7 +281,7 @@ impl Leader {
 
     /// Creates a session. The first attempt fails fast (a wrong address or token should be told at
     /// once); later ones, after a loss, retry transient errors until a stop signal.
-    async fn create_session(&mut self, first: bool) -> Result<(SessionId, Instant), Outcome> {
+    async fn create_session(&mut self, first: bool) -> Result<(SessionId, BootTime), Outcome> {
         let mut checks = Vec::new();
         if self.cfg.node_check {
             checks.push("serfHealth".to_string());
@@ -294,7 +295,7 @@ impl Leader {
         );
         let mut attempt = 0;
         loop {
-            let sent = Instant::now();
+            let sent = BootTime::now();
             let result = tokio::select! {
                 r = self.client.session_create(&req) => r,
                 sig = self.signals.next_stop() => return Err(Outcome::Signal(sig)),
@@ -423,15 +424,20 @@ impl Leader {
                 humantime::format_duration(round_ms(left))
             );
             notify::status("leader, waiting out the silence before starting the command");
-            tokio::select! {
-                _ = sleep_until(until) => {}
-                reason = lost(&mut lost_rx, &mut renewals, &cfg) => {
-                    error!("lost leadership on {} during the silence: {reason}", cfg.key);
-                    return TermEnd::Lost(reason);
-                }
-                sig = self.signals.next_stop() => {
-                    self.release(session, &value).await;
-                    return TermEnd::Done(Outcome::Signal(sig));
+            loop {
+                tokio::select! {
+                    _ = sleep_until(until) => break,
+                    ended = lost(&mut lost_rx, &mut renewals, &cfg) => {
+                        // A moved fence (Err) needs no action: no child runs yet.
+                        if let Ok(reason) = ended {
+                            error!("lost leadership on {} during the silence: {reason}", cfg.key);
+                            return TermEnd::Lost(reason);
+                        }
+                    }
+                    sig = self.signals.next_stop() => {
+                        self.release(session, &value).await;
+                        return TermEnd::Done(Outcome::Signal(sig));
+                    }
                 }
             }
         }
@@ -444,14 +450,14 @@ impl Leader {
         }
         // Nor may a child start when the session cannot be trusted any more.
         let r = *renewals.borrow();
-        let fence = election::fence_at(r.last_ok_sent.into_std(), cfg.ttl, cfg.grace);
-        if r.gone || std::time::Instant::now() >= fence {
+        let fence = Fence::after_renew(r.last_ok_sent, cfg.ttl, cfg.grace);
+        if r.gone || fence.stop_at.has_passed() {
             let reason = "the session could not be renewed before the command was to start";
             error!("lost leadership on {}: {reason}", cfg.key);
             return TermEnd::Lost(reason.into());
         }
         let spec = self.child_spec(session, acquired.fencing_token);
-        let pid = match self.supervisor.spawn(&spec) {
+        let pid = match self.supervisor.spawn(&spec, fence) {
             Ok(pid) => pid,
             Err(e) => {
                 error!("{e}");
@@ -474,7 +480,11 @@ impl Leader {
         let why = loop {
             tokio::select! {
                 status = self.supervisor.wait() => break Why::Exited(status),
-                reason = lost(&mut lost_rx, &mut renewals, &cfg) => break Why::Lost(reason),
+                ended = lost(&mut lost_rx, &mut renewals, &cfg) => match ended {
+                    Ok(reason) => break Why::Lost(reason),
+                    // Each renew moves the fence: the supervisor's keeper enforces it too.
+                    Err(fence) => self.supervisor.set_fence(fence),
+                },
                 sig = self.signals.recv() => {
                     if STOP_SIGNALS.contains(&sig) {
                         break Why::Signal(sig);
@@ -504,12 +514,8 @@ impl Leader {
         };
         notify::status("stopping the command");
         let last_ok = renewals.borrow().last_ok_sent;
-        let grace = election::effective_grace(
-            cfg.grace,
-            last_ok.into_std(),
-            cfg.ttl,
-            std::time::Instant::now(),
-        );
+        let grace =
+            Fence::after_renew(last_ok, cfg.ttl, cfg.grace).grace_left(cfg.grace, BootTime::now());
         // While the group stops: a stop signal makes the wrapper exit afterwards (even after a
         // loss with --on-lost recontend), and a second TERM or INT, counting the one that started
         // the stop, skips the rest of the grace.
@@ -660,40 +666,40 @@ async fn session_gone(renewals: &mut watch::Receiver<Renewal>) {
     }
 }
 
-/// Resolves with a reason when leadership is lost: the key watcher saw another owner, the session
-/// is gone, or no renew succeeded in time (self-fencing; see `election`).
+/// Resolves with `Ok(reason)` when leadership is lost: the key watcher saw another owner, the
+/// session is gone, or no renew succeeded in time (self-fencing; see `election`). Resolves with
+/// `Err(fence)` when a renew moved the fence, so that the caller can hand it on.
 async fn lost(
     lost_rx: &mut mpsc::Receiver<String>,
     renewals: &mut watch::Receiver<Renewal>,
     cfg: &RunConfig,
-) -> String {
-    loop {
-        let r = *renewals.borrow_and_update();
-        if r.gone {
-            return "the session expired or was destroyed (renew answered 404)".into();
+) -> Result<String, Fence> {
+    let r = *renewals.borrow_and_update();
+    if r.gone {
+        return Ok("the session expired or was destroyed (renew answered 404)".into());
+    }
+    let fence = Fence::after_renew(r.last_ok_sent, cfg.ttl, cfg.grace);
+    tokio::select! {
+        reason = lost_rx.recv() => {
+            Ok(reason.unwrap_or_else(|| "the key watcher stopped".into()))
         }
-        let fence = Instant::from_std(election::fence_at(
-            r.last_ok_sent.into_std(),
-            cfg.ttl,
-            cfg.grace,
-        ));
-        tokio::select! {
-            reason = lost_rx.recv() => {
-                return reason.unwrap_or_else(|| "the key watcher stopped".into());
+        _ = clock::sleep_until(fence.stop_at) => {
+            Ok(format!(
+                "no session renew succeeded for {}; stopping before Consul may expire the session",
+                humantime::format_duration(round_ms(fence.stop_at.saturating_duration_since(r.last_ok_sent)))
+            ))
+        }
+        changed = renewals.changed() => {
+            if changed.is_err() {
+                // Keeper gone without a verdict: only the fence can end us now.
+                clock::sleep_until(fence.stop_at).await;
+                return Ok("no session renew succeeded in time".into());
             }
-            _ = sleep_until(fence) => {
-                return format!(
-                    "no session renew succeeded for {}; stopping before Consul may expire the session",
-                    humantime::format_duration(round_ms(fence.saturating_duration_since(r.last_ok_sent)))
-                );
+            let r = *renewals.borrow();
+            if r.gone {
+                return Ok("the session expired or was destroyed (renew answered 404)".into());
             }
-            changed = renewals.changed() => {
-                if changed.is_err() {
-                    // Keeper gone without a verdict: only the fence can end us now.
-                    sleep_until(fence).await;
-                    return "no session renew succeeded in time".into();
-                }
-            }
+            Err(Fence::after_renew(r.last_ok_sent, cfg.ttl, cfg.grace))
         }
     }
 }
@@ -708,8 +714,8 @@ async fn ping_watchdog(
 ) {
     loop {
         let r = *renewals.borrow();
-        let fence = Instant::from_std(election::fence_at(r.last_ok_sent.into_std(), ttl, grace));
-        if !r.gone && Instant::now() < fence {
+        let fence = Fence::after_renew(r.last_ok_sent, ttl, grace);
+        if !r.gone && !fence.stop_at.has_passed() {
             notify::watchdog();
         }
         sleep(every).await;
@@ -730,11 +736,13 @@ async fn keep_session(
     // and is retried, on a new connection, well before the fence: with the defaults, a renew sent
     // into a partition gives up after 2.5s and the next try leaves 4s before the fence.
     let timeout = (period / 2).clamp(Duration::from_millis(100), Duration::from_secs(5));
-    let mut next = tx.borrow().last_ok_sent + period;
+    let since_ok = BootTime::now().saturating_duration_since(tx.borrow().last_ok_sent);
+    let mut next = Instant::now() + period.saturating_sub(since_ok);
     let mut attempt = 0u32;
     loop {
         sleep_until(next).await;
-        let sent = Instant::now();
+        let sent = BootTime::now();
+        let sent_mono = Instant::now();
         match client.session_renew(&session, timeout).await {
             Ok(Some(_)) => {
                 if attempt > 0 {
@@ -743,7 +751,7 @@ async fn keep_session(
                 debug!("renewed session {session}");
                 attempt = 0;
                 tx.send_modify(|r| r.last_ok_sent = sent);
-                next = sent + period;
+                next = sent_mono + period;
             }
             Ok(None) => {
                 tx.send_modify(|r| r.gone = true);

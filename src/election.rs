@@ -28,6 +28,8 @@
 
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::clock::BootTime;
+
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
@@ -215,21 +217,32 @@ pub fn fence_margin(ttl: Duration) -> Duration {
     (ttl / 20).clamp(Duration::from_millis(100), Duration::from_secs(1))
 }
 
-/// When the leader must start stopping its child if no renew succeeds (see the module docs).
-pub fn fence_at(last_renew_sent: Instant, ttl: Duration, grace: Duration) -> Instant {
-    let budget = ttl.saturating_sub(grace).saturating_sub(fence_margin(ttl));
-    last_renew_sent + budget
+/// A leader's fence after a successful renew: the one place that turns "the last good renew was
+/// sent at `R`" into deadlines (see the module docs). The wrapper stops its child when `stop_at`
+/// passes without a new renew; the supervisor's keeper enforces the same fence if the wrapper
+/// cannot (stalled, stopped); the child group must be gone by `gone_by`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fence {
+    /// When the stop sequence must begin: `R + T - g - m`.
+    pub stop_at: BootTime,
+    /// When the child group must be gone: `R + T - m`. Past this, only SIGKILL is left.
+    pub gone_by: BootTime,
 }
 
-/// The grace a stop sequence may use when it starts at `now`: never past the fence's limit.
-pub fn effective_grace(
-    grace: Duration,
-    last_renew_sent: Instant,
-    ttl: Duration,
-    now: Instant,
-) -> Duration {
-    let hard_end = last_renew_sent + ttl.saturating_sub(fence_margin(ttl));
-    grace.min(hard_end.saturating_duration_since(now))
+impl Fence {
+    /// The fence that a renew sent at `last_renew_sent` buys.
+    pub fn after_renew(last_renew_sent: BootTime, ttl: Duration, grace: Duration) -> Fence {
+        let gone_by = last_renew_sent + ttl.saturating_sub(fence_margin(ttl));
+        Fence {
+            stop_at: gone_by - grace,
+            gone_by,
+        }
+    }
+
+    /// The grace a stop sequence may use when it starts at `now`: never past `gone_by`.
+    pub fn grace_left(&self, grace: Duration, now: BootTime) -> Duration {
+        grace.min(self.gone_by.saturating_duration_since(now))
+    }
 }
 
 /// Jittered exponential backoff: attempt 0 waits about `base`, doubling up to `cap`, each wait
@@ -409,20 +422,18 @@ mod tests {
 
     #[test]
     fn fence_leaves_grace_and_margin_inside_the_ttl() {
-        let r = Instant::now();
+        let r = BootTime::from_since_boot(Duration::from_secs(100));
         let ttl = Duration::from_secs(15);
         let grace = Duration::from_secs(5);
-        let at = fence_at(r, ttl, grace);
-        assert_eq!(at, r + Duration::from_millis(15_000 - 5_000 - 750));
+        let f = Fence::after_renew(r, ttl, grace);
+        assert_eq!(f.stop_at, r + Duration::from_millis(15_000 - 5_000 - 750));
+        assert_eq!(f.gone_by, r + Duration::from_millis(15_000 - 750));
         // Stop started at the fence: it ends (grace later) before R + TTL.
-        assert!(at + grace < r + ttl);
+        assert!(f.stop_at + grace < r + ttl);
         // A stop that starts late is cut short so that it still ends before R + TTL - margin.
         let late = r + Duration::from_secs(12);
-        assert_eq!(
-            effective_grace(grace, r, ttl, late),
-            Duration::from_millis(2_250)
-        );
-        assert_eq!(effective_grace(grace, r, ttl, r + ttl), Duration::ZERO);
+        assert_eq!(f.grace_left(grace, late), Duration::from_millis(2_250));
+        assert_eq!(f.grace_left(grace, r + ttl), Duration::ZERO);
     }
 
     #[test]

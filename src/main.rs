@@ -3,6 +3,7 @@
 
 mod app;
 mod cli;
+mod clock;
 mod config;
 mod consul;
 mod dev_agent;

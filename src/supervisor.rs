@@ -52,6 +52,8 @@ use nix::sys::signal::{self, SigSet, SigmaskHow, Signal};
 use nix::unistd::{ForkResult, Pid};
 use tokio::time::{Instant, sleep, sleep_until};
 
+use crate::election::Fence;
+
 /// How often to look at `/proc` while waiting for processes we are not told about: SIGCHLD only
 /// reports our own children, not grandchildren that exit while their parent is alive.
 const POLL: Duration = Duration::from_millis(20);
@@ -216,6 +218,9 @@ struct Running {
     status: Option<ChildExit>,
     /// `Some` until we reap the guard.
     guard: Option<Guard>,
+    /// The leader's current fence (see `election::Fence`): the group must be gone by its
+    /// `gone_by` even if the wrapper cannot act.
+    fence: Fence,
 }
 
 impl Running {
@@ -290,7 +295,7 @@ impl Supervisor {
     /// returns once the command has been exec'd (or failed to be). It is safe to call
     /// [`Supervisor::stop`] right after, which is what the app does when a stop signal arrived
     /// while spawning.
-    pub fn spawn(&mut self, spec: &ChildSpec) -> Result<u32, SpawnError> {
+    pub fn spawn(&mut self, spec: &ChildSpec, fence: Fence) -> Result<u32, SpawnError> {
         let (program, args) = match (spec.shell, spec.argv.split_first()) {
             (true, _) => (
                 "/bin/sh".to_owned(),
@@ -357,9 +362,18 @@ impl Supervisor {
             pgid,
             status: None,
             guard: Some(guard),
+            fence,
         });
         self.last = None;
         Ok(pid.as_raw() as u32)
+    }
+
+    /// Moves the fence after a successful renew. The child group must be gone by
+    /// `fence.gone_by` whatever happens to the wrapper.
+    pub fn set_fence(&mut self, fence: Fence) {
+        if let Some(run) = &mut self.child {
+            run.fence = fence;
+        }
     }
 
     /// The running command's pid, until its stop completes.
@@ -1074,13 +1088,22 @@ mod tests {
         std::future::pending()
     }
 
+    /// A fence no test reaches.
+    fn far_fence() -> Fence {
+        let far = crate::clock::BootTime::now() + Duration::from_secs(3600);
+        Fence {
+            stop_at: far,
+            gone_by: far,
+        }
+    }
+
     #[tokio::test(flavor = "current_thread")]
     async fn exit_code_passes_through() {
         let _serial = SERIAL.lock().await;
         let env = TestEnv::new("exit-code");
         let mut sup = Supervisor::new().unwrap();
         let pid = sup
-            .spawn(&env.child(&[("CL_CHILD_EXIT_CODE", "3")]))
+            .spawn(&env.child(&[("CL_CHILD_EXIT_CODE", "3")]), far_fence())
             .unwrap();
         assert_eq!(sup.child_pid(), Some(pid));
         let status = within("wait", sup.wait()).await;
@@ -1107,7 +1130,7 @@ mod tests {
         let _serial = SERIAL.lock().await;
         let env = TestEnv::new("signal-death");
         let mut sup = Supervisor::new().unwrap();
-        sup.spawn(&env.child(&[("CL_CHILD_KILL_SELF", "USR2")]))
+        sup.spawn(&env.child(&[("CL_CHILD_KILL_SELF", "USR2")]), far_fence())
             .unwrap();
         let status = within("wait", sup.wait()).await;
         assert_eq!(status, ChildExit::Signaled(libc::SIGUSR2));
@@ -1126,7 +1149,7 @@ mod tests {
             env_set: vec![],
             env_remove: vec![],
         };
-        sup.spawn(&spec).unwrap();
+        sup.spawn(&spec, far_fence()).unwrap();
         assert_eq!(within("wait", sup.wait()).await, ChildExit::Exited(7));
         within("stop", sup.stop(Signal::SIGTERM, DEADLINE, never())).await;
     }
@@ -1141,7 +1164,7 @@ mod tests {
             env_set: vec![],
             env_remove: vec![],
         };
-        let err = sup.spawn(&spec).unwrap_err();
+        let err = sup.spawn(&spec, far_fence()).unwrap_err();
         assert!(matches!(err, SpawnError::NotFound { .. }), "{err:?}");
         assert_eq!(err.exit_code(), 127);
         assert_eq!(
@@ -1174,7 +1197,7 @@ mod tests {
                 env_set: vec![],
                 env_remove: vec![],
             };
-            let err = sup.spawn(&spec).unwrap_err();
+            let err = sup.spawn(&spec, far_fence()).unwrap_err();
             assert!(
                 matches!(err, SpawnError::CannotExecute { .. }),
                 "{path:?}: {err:?}"
@@ -1202,7 +1225,7 @@ mod tests {
             .push(("CONSUL_LEADER_KEY".to_owned(), "svc/a b=c".to_owned()));
         spec.env_remove = vec![inherited.to_owned(), "CONSUL_HTTP_TOKEN".to_owned()];
         let mut sup = Supervisor::new().unwrap();
-        sup.spawn(&spec).unwrap();
+        sup.spawn(&spec, far_fence()).unwrap();
         env.started().await;
         let recorded = std::fs::read_to_string(&env_file).unwrap();
         let lines: Vec<&str> = recorded.lines().collect();
@@ -1251,7 +1274,7 @@ mod tests {
             env_remove: vec![],
         };
         let mut sup = Supervisor::new().unwrap();
-        let spawned = sup.spawn(&spec);
+        let spawned = sup.spawn(&spec, far_fence());
 
         signal::pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&old_mask), None).unwrap();
         // SAFETY: as above.
@@ -1277,7 +1300,7 @@ mod tests {
         let _serial = SERIAL.lock().await;
         let env = TestEnv::new("stop-polite");
         let mut sup = Supervisor::new().unwrap();
-        sup.spawn(&env.child(&[])).unwrap();
+        sup.spawn(&env.child(&[]), far_fence()).unwrap();
         let pid = env.started().await;
         let begun = Instant::now();
         let outcome = within("stop", sup.stop(Signal::SIGTERM, DEADLINE, never())).await;
@@ -1304,7 +1327,7 @@ mod tests {
             ("CL_CHILD_EXIT_ON", ""),
             ("CL_CHILD_GRANDCHILDREN", "ignore-term setsid"),
         ]);
-        sup.spawn(&spec).unwrap();
+        sup.spawn(&spec, far_fence()).unwrap();
         let pid = env.started().await;
         let lines = env.lines();
         let setsid = find(&lines, "start", "setsid").unwrap().pid;
@@ -1338,7 +1361,8 @@ mod tests {
         let _serial = SERIAL.lock().await;
         let env = TestEnv::new("hurry");
         let mut sup = Supervisor::new().unwrap();
-        sup.spawn(&env.child(&[("CL_CHILD_EXIT_ON", "")])).unwrap();
+        sup.spawn(&env.child(&[("CL_CHILD_EXIT_ON", "")]), far_fence())
+            .unwrap();
         let pid = env.started().await;
         // The second signal comes once the child has seen the first.
         let hurry = async {
@@ -1364,8 +1388,11 @@ mod tests {
         let _serial = SERIAL.lock().await;
         let env = TestEnv::new("forward");
         let mut sup = Supervisor::new().unwrap();
-        sup.spawn(&env.child(&[("CL_CHILD_GRANDCHILDREN", "setsid")]))
-            .unwrap();
+        sup.spawn(
+            &env.child(&[("CL_CHILD_GRANDCHILDREN", "setsid")]),
+            far_fence(),
+        )
+        .unwrap();
         let pid = env.started().await;
         sup.signal_group(Signal::SIGUSR1);
         sup.signal_group(Signal::SIGWINCH);
@@ -1398,7 +1425,7 @@ mod tests {
             ("CL_CHILD_GRANDCHILDREN", "ignore-term setsid"),
             ("CL_CHILD_EXIT_CODE", "0"),
         ]);
-        sup.spawn(&spec).unwrap();
+        sup.spawn(&spec, far_fence()).unwrap();
         assert_eq!(within("wait", sup.wait()).await, ChildExit::Exited(0));
         assert_eq!(env.alive().len(), 2, "both grandchildren outlive the child");
         let outcome = within(
@@ -1421,15 +1448,18 @@ mod tests {
         let _serial = SERIAL.lock().await;
         let env = TestEnv::new("early-stop");
         let mut sup = Supervisor::new().unwrap();
-        sup.spawn(&env.child(&[("CL_CHILD_GRANDCHILDREN", "setsid")]))
-            .unwrap();
+        sup.spawn(
+            &env.child(&[("CL_CHILD_GRANDCHILDREN", "setsid")]),
+            far_fence(),
+        )
+        .unwrap();
         // The setsid grandchild may have started (it survives TERM) or not: a short grace.
         let grace = Duration::from_millis(200);
         let outcome = within("stop", sup.stop(Signal::SIGTERM, grace, never())).await;
         assert!(outcome.status.is_some());
         assert!(env.alive().is_empty(), "left behind: {:?}", env.alive());
         // The supervisor can start the next command.
-        sup.spawn(&env.child(&[("CL_CHILD_EXIT_CODE", "4")]))
+        sup.spawn(&env.child(&[("CL_CHILD_EXIT_CODE", "4")]), far_fence())
             .unwrap();
         assert_eq!(within("wait", sup.wait()).await, ChildExit::Exited(4));
         within("stop", sup.stop(Signal::SIGTERM, DEADLINE, never())).await;
@@ -1444,7 +1474,7 @@ mod tests {
             ("CL_CHILD_EXIT_ON", ""),
             ("CL_CHILD_GRANDCHILDREN", "ignore-term setsid"),
         ]);
-        let pid = sup.spawn(&spec).unwrap() as i32;
+        let pid = sup.spawn(&spec, far_fence()).unwrap() as i32;
         env.started().await;
         let lines = env.lines();
         let in_group = find(&lines, "start", "ignore-term").unwrap().pid;
@@ -1516,7 +1546,7 @@ mod tests {
             env_remove: vec![WRAPPER_JOURNAL_VAR.to_owned()],
         };
         let mut sup = Supervisor::new().unwrap();
-        sup.spawn(&spec).unwrap();
+        sup.spawn(&spec, far_fence()).unwrap();
         sup.wait().await; // until SIGKILLed
     }
 
@@ -1581,7 +1611,7 @@ mod tests {
             ("CL_CHILD_EXIT_ON", ""),
             ("CL_CHILD_GRANDCHILDREN", "ignore-term setsid"),
         ]);
-        sup.spawn(&spec).unwrap();
+        sup.spawn(&spec, far_fence()).unwrap();
         env.started().await;
         let guard = sup.guard_pid().unwrap();
         drop(sup);
