@@ -36,27 +36,36 @@ complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l ttl 
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l lock-delay -d 'Lock-delay: after this session is invalidated, Consul refuses the key to others this long' -r
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l silence -d 'Minimum gap between the previous leader\'s end and our command\'s start (skipped after a clean release)' -r
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l grace -d 'Time between the stop signal and SIGKILL' -r
-complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l stop-signal -d 'Signal that asks the command to stop, by name (TERM, INT, HUP, QUIT, USR1, ...)' -r
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l stop-signal -d 'Signal that asks the command to stop, by name (TERM, INT, HUP, QUIT, USR1, ...) or number' -r -f -a "TERM\t''
+INT\t''
+HUP\t''
+QUIT\t''
+USR1\t''
+USR2\t''
+WINCH\t''
+ALRM\t''
+PWR\t''
+CONT\t''"
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l wait -d 'How long to try for the lock before giving up with the busy exit code; 0 tries once. Default: wait for ever' -r
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l check -d 'Bind this Consul check to the session (repeatable); when it goes critical, leadership ends' -r
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l on-lost -d 'What to do when leadership is lost while the command runs' -r -f -a "exit\t'Stop the command and exit with the lost exit code'
 recontend\t'Stop the command and contend for the lock again'"
-complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l busy-exit-code -d 'Exit code when the lock was not won within --wait' -r
-complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l lost-exit-code -d 'Exit code when leadership was lost while the command ran' -r
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l busy-exit-code -d 'Exit code when the lock was not won within --wait (change it when the command\'s own codes include 75)' -r
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l lost-exit-code -d 'Exit code when leadership was lost while the command ran (change it when the command\'s own codes include 76)' -r
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l name -d 'Session name shown in Consul (default: consul-leader <key> on <host> pid <pid>)' -r
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l log-format -d 'Log line format on stderr' -r -f -a "text\t''
 json\t''"
-complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l http-addr -d 'Consul agent address: host:port, http://, https:// or unix:///path' -r
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l http-addr -d 'Consul agent address: host:port, http://host:port, https://host:port or unix:///path [env: CONSUL_HTTP_ADDR] [default: 127.0.0.1:8500]' -r
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l token -d 'ACL token (prefer --token-file: a token on the command line is visible in ps). Precedence, as in Consul\'s CLI: --token-file, --token, CONSUL_HTTP_TOKEN_FILE, CONSUL_HTTP_TOKEN' -r
-complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l token-file -d 'File holding the ACL token' -r -F
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l token-file -d 'File holding the ACL token [env: CONSUL_HTTP_TOKEN_FILE]' -r -F
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l datacenter -d 'Datacenter to use instead of the agent\'s own (sent as ?dc=)' -r
-complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l ca-file -d 'CA certificate file (PEM) to verify the agent\'s TLS certificate with' -r -F
-complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l ca-path -d 'Directory of CA certificates (PEM) to verify the agent\'s TLS certificate with' -r -F
-complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l client-cert -d 'Client certificate (PEM) for agents that require TLS client authentication' -r -F
-complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l client-key -d 'Private key (PEM) of the client certificate' -r -F
-complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l tls-server-name -d 'Name to verify the agent\'s certificate against (and send as SNI), if not the address\'s host' -r
-complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l namespace -d 'Enterprise namespace (sent as ?ns=); Consul CE refuses it' -r
-complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l partition -d 'Enterprise admin partition (sent as ?partition=); Consul CE refuses it' -r
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l ca-file -d 'CA certificate file (PEM) to verify the agent\'s TLS certificate with [env: CONSUL_CACERT]' -r -F
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l ca-path -d 'Directory of CA certificates (PEM) to verify the agent\'s TLS certificate with [env: CONSUL_CAPATH]' -r -f -a "(__fish_complete_directories)"
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l client-cert -d 'Client certificate (PEM) for agents that require TLS client authentication [env: CONSUL_CLIENT_CERT]' -r -F
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l client-key -d 'Private key (PEM) of the client certificate [env: CONSUL_CLIENT_KEY]' -r -F
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l tls-server-name -d 'Name to verify the agent\'s certificate against (and send as SNI), if not the address\'s host [env: CONSUL_TLS_SERVER_NAME]' -r
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l namespace -d 'Enterprise namespace (sent as ?ns=); Consul CE refuses it [env: CONSUL_NAMESPACE]' -r
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l partition -d 'Enterprise admin partition (sent as ?partition=); Consul CE refuses it [env: CONSUL_PARTITION]' -r
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l shell -d 'Run the command through `sh -c` (one string) instead of executing it directly'
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l no-node-check -d 'Do not bind the node\'s serfHealth check to the session'
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -s q -l quiet -d 'Only print errors'
@@ -64,17 +73,17 @@ complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -s v -l
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -s V -l version -d 'Print version'
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -l key -d 'The Consul KV key to inspect' -r
-complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -l http-addr -d 'Consul agent address: host:port, http://, https:// or unix:///path' -r
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -l http-addr -d 'Consul agent address: host:port, http://host:port, https://host:port or unix:///path [env: CONSUL_HTTP_ADDR] [default: 127.0.0.1:8500]' -r
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -l token -d 'ACL token (prefer --token-file: a token on the command line is visible in ps). Precedence, as in Consul\'s CLI: --token-file, --token, CONSUL_HTTP_TOKEN_FILE, CONSUL_HTTP_TOKEN' -r
-complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -l token-file -d 'File holding the ACL token' -r -F
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -l token-file -d 'File holding the ACL token [env: CONSUL_HTTP_TOKEN_FILE]' -r -F
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -l datacenter -d 'Datacenter to use instead of the agent\'s own (sent as ?dc=)' -r
-complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -l ca-file -d 'CA certificate file (PEM) to verify the agent\'s TLS certificate with' -r -F
-complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -l ca-path -d 'Directory of CA certificates (PEM) to verify the agent\'s TLS certificate with' -r -F
-complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -l client-cert -d 'Client certificate (PEM) for agents that require TLS client authentication' -r -F
-complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -l client-key -d 'Private key (PEM) of the client certificate' -r -F
-complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -l tls-server-name -d 'Name to verify the agent\'s certificate against (and send as SNI), if not the address\'s host' -r
-complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -l namespace -d 'Enterprise namespace (sent as ?ns=); Consul CE refuses it' -r
-complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -l partition -d 'Enterprise admin partition (sent as ?partition=); Consul CE refuses it' -r
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -l ca-file -d 'CA certificate file (PEM) to verify the agent\'s TLS certificate with [env: CONSUL_CACERT]' -r -F
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -l ca-path -d 'Directory of CA certificates (PEM) to verify the agent\'s TLS certificate with [env: CONSUL_CAPATH]' -r -f -a "(__fish_complete_directories)"
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -l client-cert -d 'Client certificate (PEM) for agents that require TLS client authentication [env: CONSUL_CLIENT_CERT]' -r -F
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -l client-key -d 'Private key (PEM) of the client certificate [env: CONSUL_CLIENT_KEY]' -r -F
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -l tls-server-name -d 'Name to verify the agent\'s certificate against (and send as SNI), if not the address\'s host [env: CONSUL_TLS_SERVER_NAME]' -r
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -l namespace -d 'Enterprise namespace (sent as ?ns=); Consul CE refuses it [env: CONSUL_NAMESPACE]' -r
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -l partition -d 'Enterprise admin partition (sent as ?partition=); Consul CE refuses it [env: CONSUL_PARTITION]' -r
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -l json -d 'Print one JSON object instead of text'
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -s h -l help -d 'Print help'
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -s V -l version -d 'Print version'

@@ -66,7 +66,18 @@ pub fn main(args: Box<RunArgs>) -> ExitCode {
             return ExitCode::from(exit::INTERNAL);
         }
     };
-    let outcome = runtime.block_on(run(cfg));
+    // Every line of this run carries these fields in JSON logs (`pid`: the command's, once it
+    // runs). ERROR level, so that `-q` keeps
+    // them too. Entered around `block_on`: every task of the current-thread runtime, spawned ones
+    // included, runs inside it.
+    let span = tracing::error_span!(
+        "run",
+        key = %cfg.key,
+        session = tracing::field::Empty,
+        pid = tracing::field::Empty,
+        fencing_token = tracing::field::Empty,
+    );
+    let outcome = span.in_scope(|| runtime.block_on(run(cfg)));
     drop(runtime);
     match outcome {
         Outcome::Code(code) => ExitCode::from(code),
@@ -230,6 +241,7 @@ impl Leader {
                 Err(outcome) => return outcome,
             };
             first_session = false;
+            tracing::Span::current().record("session", tracing::field::display(&session));
             let (renew_tx, renew_rx) = watch::channel(Renewal {
                 last_ok_sent: created_sent,
                 gone: false,
@@ -402,6 +414,7 @@ impl Leader {
     ) -> TermEnd {
         let cfg = self.cfg.clone();
         let value = acquired.value.clone();
+        tracing::Span::current().record("fencing_token", acquired.fencing_token);
         info!(
             "acquired the lock on {} (fencing token {})",
             cfg.key, acquired.fencing_token
@@ -465,6 +478,7 @@ impl Leader {
                 return TermEnd::Done(Outcome::Code(e.exit_code()));
             }
         };
+        tracing::Span::current().record("pid", pid);
         info!("started the command, pid {pid}");
         notify::status(&format!(
             "leader since {}, child pid {}",

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum, ValueHint};
 
 /// Run a command only while this host holds leadership through a Consul session lock.
 #[derive(Debug, Parser)]
@@ -57,18 +57,15 @@ pub enum LogFormat {
     Json,
 }
 
-/// How to reach the Consul agent. Flags override the environment variables Consul's own CLI reads.
+/// How to reach the Consul agent. Each flag overrides the environment variable Consul's own CLI
+/// reads; `config` resolves them (an empty variable counts as unset, as in Consul's CLI, which clap's
+/// own `env` support would treat as an empty value).
 #[derive(Debug, Clone, Args)]
 pub struct ConsulArgs {
-    /// Consul agent address: host:port, http://, https:// or unix:///path.
-    #[arg(
-        long,
-        env = "CONSUL_HTTP_ADDR",
-        value_name = "ADDR",
-        default_value = "127.0.0.1:8500",
-        hide_env_values = true
-    )]
-    pub http_addr: String,
+    /// Consul agent address: host:port, http://host:port, https://host:port or unix:///path
+    /// [env: CONSUL_HTTP_ADDR] [default: 127.0.0.1:8500].
+    #[arg(long, value_name = "ADDR")]
+    pub http_addr: Option<String>,
 
     /// ACL token (prefer --token-file: a token on the command line is visible in ps).
     /// Precedence, as in Consul's CLI: --token-file, --token, CONSUL_HTTP_TOKEN_FILE,
@@ -76,75 +73,44 @@ pub struct ConsulArgs {
     #[arg(long, value_name = "TOKEN")]
     pub token: Option<String>,
 
-    /// File holding the ACL token.
-    #[arg(long, value_name = "PATH")]
+    /// File holding the ACL token [env: CONSUL_HTTP_TOKEN_FILE].
+    #[arg(long, value_name = "PATH", value_hint = ValueHint::FilePath)]
     pub token_file: Option<PathBuf>,
 
     /// Datacenter to use instead of the agent's own (sent as ?dc=).
     #[arg(long, value_name = "NAME")]
     pub datacenter: Option<String>,
 
-    /// CA certificate file (PEM) to verify the agent's TLS certificate with.
-    #[arg(
-        long,
-        env = "CONSUL_CACERT",
-        value_name = "PATH",
-        hide_env_values = true
-    )]
+    /// CA certificate file (PEM) to verify the agent's TLS certificate with [env: CONSUL_CACERT].
+    #[arg(long, value_name = "PATH", value_hint = ValueHint::FilePath)]
     pub ca_file: Option<PathBuf>,
 
-    /// Directory of CA certificates (PEM) to verify the agent's TLS certificate with.
-    #[arg(
-        long,
-        env = "CONSUL_CAPATH",
-        value_name = "DIR",
-        hide_env_values = true
-    )]
+    /// Directory of CA certificates (PEM) to verify the agent's TLS certificate with
+    /// [env: CONSUL_CAPATH].
+    #[arg(long, value_name = "DIR", value_hint = ValueHint::DirPath)]
     pub ca_path: Option<PathBuf>,
 
-    /// Client certificate (PEM) for agents that require TLS client authentication.
-    #[arg(
-        long,
-        env = "CONSUL_CLIENT_CERT",
-        value_name = "PATH",
-        hide_env_values = true
-    )]
+    /// Client certificate (PEM) for agents that require TLS client authentication
+    /// [env: CONSUL_CLIENT_CERT].
+    #[arg(long, value_name = "PATH", value_hint = ValueHint::FilePath)]
     pub client_cert: Option<PathBuf>,
 
-    /// Private key (PEM) of the client certificate.
-    #[arg(
-        long,
-        env = "CONSUL_CLIENT_KEY",
-        value_name = "PATH",
-        hide_env_values = true
-    )]
+    /// Private key (PEM) of the client certificate [env: CONSUL_CLIENT_KEY].
+    #[arg(long, value_name = "PATH", value_hint = ValueHint::FilePath)]
     pub client_key: Option<PathBuf>,
 
-    /// Name to verify the agent's certificate against (and send as SNI), if not the address's host.
-    #[arg(
-        long,
-        env = "CONSUL_TLS_SERVER_NAME",
-        value_name = "NAME",
-        hide_env_values = true
-    )]
+    /// Name to verify the agent's certificate against (and send as SNI), if not the address's host
+    /// [env: CONSUL_TLS_SERVER_NAME].
+    #[arg(long, value_name = "NAME")]
     pub tls_server_name: Option<String>,
 
-    /// Enterprise namespace (sent as ?ns=); Consul CE refuses it.
-    #[arg(
-        long,
-        env = "CONSUL_NAMESPACE",
-        value_name = "NAME",
-        hide_env_values = true
-    )]
+    /// Enterprise namespace (sent as ?ns=); Consul CE refuses it [env: CONSUL_NAMESPACE].
+    #[arg(long, value_name = "NAME")]
     pub namespace: Option<String>,
 
-    /// Enterprise admin partition (sent as ?partition=); Consul CE refuses it.
-    #[arg(
-        long,
-        env = "CONSUL_PARTITION",
-        value_name = "NAME",
-        hide_env_values = true
-    )]
+    /// Enterprise admin partition (sent as ?partition=); Consul CE refuses it
+    /// [env: CONSUL_PARTITION].
+    #[arg(long, value_name = "NAME")]
     pub partition: Option<String>,
 }
 
@@ -170,29 +136,36 @@ pub struct RunArgs {
     pub key: String,
 
     /// Session TTL: how long Consul keeps the session without a renew (it really waits 2x).
-    #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = parse_duration, allow_hyphen_values = true)]
     pub ttl: Duration,
 
     /// Lock-delay: after this session is invalidated, Consul refuses the key to others this long.
-    #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = parse_duration, allow_hyphen_values = true)]
     pub lock_delay: Duration,
 
     /// Minimum gap between the previous leader's end and our command's start (skipped after a clean
     /// release).
-    #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = parse_duration, allow_hyphen_values = true)]
     pub silence: Duration,
 
     /// Time between the stop signal and SIGKILL.
-    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration, allow_hyphen_values = true)]
     pub grace: Duration,
 
-    /// Signal that asks the command to stop, by name (TERM, INT, HUP, QUIT, USR1, ...).
-    #[arg(long, value_name = "SIGNAL", default_value = "TERM")]
+    /// Signal that asks the command to stop, by name (TERM, INT, HUP, QUIT, USR1, ...) or number.
+    #[arg(
+        long,
+        value_name = "SIGNAL",
+        default_value = "TERM",
+        value_parser = SignalNameParser,
+        hide_possible_values = true,
+        allow_hyphen_values = true
+    )]
     pub stop_signal: String,
 
     /// How long to try for the lock before giving up with the busy exit code; 0 tries once.
     /// Default: wait for ever.
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, allow_hyphen_values = true)]
     pub wait: Option<Duration>,
 
     /// Run the command through `sh -c` (one string) instead of executing it directly.
@@ -211,12 +184,14 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value = "exit")]
     pub on_lost: OnLost,
 
-    /// Exit code when the lock was not won within --wait.
-    #[arg(long, value_name = "CODE", default_value_t = 75)]
+    /// Exit code when the lock was not won within --wait (change it when the command's own
+    /// codes include 75).
+    #[arg(long, value_name = "CODE", default_value = "75", value_parser = parse_exit_code, allow_hyphen_values = true)]
     pub busy_exit_code: u8,
 
-    /// Exit code when leadership was lost while the command ran.
-    #[arg(long, value_name = "CODE", default_value_t = 76)]
+    /// Exit code when leadership was lost while the command ran (change it when the command's
+    /// own codes include 76).
+    #[arg(long, value_name = "CODE", default_value = "76", value_parser = parse_exit_code, allow_hyphen_values = true)]
     pub lost_exit_code: u8,
 
     /// Session name shown in Consul (default: consul-leader <key> on <host> pid <pid>).
@@ -307,7 +282,7 @@ pub struct DevAgentArgs {
     pub datacenter: String,
 
     /// Smallest session TTL accepted (Consul's session_ttl_min); tests lower it.
-    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration, allow_hyphen_values = true)]
     pub session_ttl_min: Duration,
 
     /// Require this ACL token on every request; others get 403 Permission denied.
@@ -348,13 +323,81 @@ pub fn parse_listen(s: &str) -> Result<Listen, String> {
     })
 }
 
+/// A value that starts with `-`: either a negative number, or the next option taken as this one's
+/// value because the value itself was left out. Options that accept such values (to explain them
+/// instead of clap's tip to write `-- -1`, which would end option parsing) say which it was.
+fn hyphen_value_error(s: &str, what: &str) -> Option<String> {
+    let rest = s.strip_prefix('-')?;
+    Some(if rest.starts_with(|c: char| c.is_ascii_digit()) {
+        format!("it cannot be negative; use {what}")
+    } else {
+        format!("the value is missing (found the option `{s}` instead); give {what}")
+    })
+}
+
 /// Parses a humantime duration (`500ms`, `15s`, `2m`); a bare `0` means zero.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    if let Some(e) = hyphen_value_error(s, "a duration such as 500ms, 15s or 2m") {
+        return Err(e);
+    }
     if s.trim() == "0" {
         return Ok(Duration::ZERO);
     }
     humantime::parse_duration(s)
         .map_err(|e| format!("{e} (use a duration such as 500ms, 15s or 2m)"))
+}
+
+/// Parses an exit code, 0 to 255.
+pub fn parse_exit_code(s: &str) -> Result<u8, String> {
+    if let Some(e) = hyphen_value_error(s, "an exit code from 0 to 255") {
+        return Err(e);
+    }
+    s.trim()
+        .parse::<u8>()
+        .map_err(|_| "an exit code is a whole number from 0 to 255".to_string())
+}
+
+/// Signal names offered by shell completions for `--stop-signal`; any other name or number is
+/// accepted too and checked by `config`.
+pub const SIGNAL_NAMES: [&str; 10] = [
+    "TERM", "INT", "HUP", "QUIT", "USR1", "USR2", "WINCH", "ALRM", "PWR", "CONT",
+];
+
+/// Keeps `--stop-signal` a string (names and numbers are checked in `config`), while telling
+/// clap the usual names so that shell completions offer them, and explaining a negative number.
+#[derive(Clone)]
+pub struct SignalNameParser;
+
+impl clap::builder::TypedValueParser for SignalNameParser {
+    type Value = String;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<String, clap::Error> {
+        let s = value.to_string_lossy();
+        if let Some(e) = hyphen_value_error(&s, "a signal name such as TERM, or a signal number") {
+            let arg = arg.map_or_else(|| "--stop-signal".to_string(), ToString::to_string);
+            return Err(clap::Error::raw(
+                clap::error::ErrorKind::ValueValidation,
+                format!("invalid value '{s}' for '{arg}': {e}\n"),
+            )
+            .with_cmd(cmd));
+        }
+        Ok(s.into_owned())
+    }
+
+    fn possible_values(
+        &self,
+    ) -> Option<Box<dyn Iterator<Item = clap::builder::PossibleValue> + '_>> {
+        Some(Box::new(
+            SIGNAL_NAMES
+                .iter()
+                .map(|n| clap::builder::PossibleValue::new(*n)),
+        ))
+    }
 }
 
 #[cfg(test)]

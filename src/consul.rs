@@ -83,7 +83,9 @@ pub enum ConsulError {
         status: u16,
         body: String,
     },
-    #[error("cannot read Consul's answer to {op}: {detail}")]
+    #[error(
+        "the answer to {op} is not what a Consul agent sends ({detail}); is this a Consul agent? check CONSUL_HTTP_ADDR / --http-addr"
+    )]
     Decode { op: &'static str, detail: String },
 }
 
@@ -337,10 +339,18 @@ impl Client {
     }
 
     fn unexpected(op: &'static str, status: StatusCode, body: &[u8]) -> ConsulError {
+        let text = String::from_utf8_lossy(body);
+        // Consul's error bodies are one line of plain text; a web page means another server.
+        if text.trim_start().starts_with('<') {
+            return ConsulError::Decode {
+                op,
+                detail: format!("HTTP {} with a web page", status.as_u16()),
+            };
+        }
         ConsulError::Status {
             op,
             status: status.as_u16(),
-            body: String::from_utf8_lossy(body).trim().to_string(),
+            body: text.split_whitespace().collect::<Vec<_>>().join(" "),
         }
     }
 

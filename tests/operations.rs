@@ -192,7 +192,27 @@ fn json_logs_one_object_per_line_and_quiet_keeps_only_errors() {
             serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
         assert!(v["message"].is_string() && v["level"].is_string(), "{line}");
     }
-    assert!(lines.iter().any(|l| l.contains("acquired the lock")));
+    // The key, session, fencing token and the command's pid are fields, on every line once known.
+    let objects: Vec<serde_json::Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let acquired = objects
+        .iter()
+        .find(|v| v["message"].as_str().unwrap().contains("acquired the lock"))
+        .unwrap_or_else(|| panic!("no `acquired` line: {lines:?}"));
+    assert_eq!(acquired["key"], key.as_str(), "{acquired}");
+    assert!(
+        acquired["session"].as_str().is_some_and(|s| s.len() == 36),
+        "{acquired}"
+    );
+    assert!(acquired["fencing_token"].as_u64().is_some(), "{acquired}");
+    let released = objects
+        .iter()
+        .find(|v| v["message"].as_str().unwrap().contains("released the lock"))
+        .unwrap_or_else(|| panic!("no `released` line: {lines:?}"));
+    assert!(released["pid"].as_u64().is_some(), "{released}");
+    assert_eq!(released["session"], acquired["session"]);
 
     let mut q = WrapperBuilder::new(&agent, &fx, &key, &timing)
         .switch("-q")
