@@ -16,6 +16,9 @@ _consul__leader() {
             ",$1")
                 cmd="consul__leader"
                 ;;
+            consul__leader,demo)
+                cmd="consul__leader__subcmd__demo"
+                ;;
             consul__leader,dev-agent)
                 cmd="consul__leader__subcmd__dev__subcmd__agent"
                 ;;
@@ -30,6 +33,9 @@ _consul__leader() {
                 ;;
             consul__leader,status)
                 cmd="consul__leader__subcmd__status"
+                ;;
+            consul__leader__subcmd__help,demo)
+                cmd="consul__leader__subcmd__help__subcmd__demo"
                 ;;
             consul__leader__subcmd__help,dev-agent)
                 cmd="consul__leader__subcmd__help__subcmd__dev__subcmd__agent"
@@ -53,8 +59,22 @@ _consul__leader() {
 
     case "${cmd}" in
         consul__leader)
-            opts="-h -V --help --version run status dev-agent generate-docs help"
+            opts="-h -V --help --version run status dev-agent demo generate-docs help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        consul__subcmd__leader__subcmd__demo)
+            opts="-h -V --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
@@ -131,8 +151,22 @@ _consul__leader() {
             return 0
             ;;
         consul__subcmd__leader__subcmd__help)
-            opts="run status dev-agent generate-docs help"
+            opts="run status dev-agent demo generate-docs help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        consul__subcmd__leader__subcmd__help__subcmd__demo)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi

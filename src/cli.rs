@@ -31,6 +31,17 @@ pub enum Command {
     Status(StatusArgs),
     /// Start a single-node, in-memory Consul-compatible server for trying the tool and for tests.
     DevAgent(DevAgentArgs),
+    /// Show a leader, a standby and a handover in a few seconds, against a throwaway dev agent.
+    #[command(
+        long_about = "Show a leader, a standby and a handover in a few seconds, against a \
+        throwaway dev agent.\n\nStarts `consul-leader dev-agent` on a free port, then two \
+        wrappers, alice and bob, that run the same command under the same key: alice leads, bob \
+        waits as a standby, alice is stopped, and bob takes over at once because alice released \
+        cleanly. Every line they print is shown, prefixed with who printed it. Needs nothing but \
+        this program and /bin/sh; stops everything it started before it exits. Also a quick way \
+        to check an installation."
+    )]
+    Demo,
     /// Write the man pages and shell completions (for packagers and for this repository).
     #[command(hide = true)]
     GenerateDocs {
