@@ -22,9 +22,6 @@ _consul__leader() {
             consul__leader,dev-agent)
                 cmd="consul__leader__subcmd__dev__subcmd__agent"
                 ;;
-            consul__leader,generate-docs)
-                cmd="consul__leader__subcmd__generate__subcmd__docs"
-                ;;
             consul__leader,help)
                 cmd="consul__leader__subcmd__help"
                 ;;
@@ -39,9 +36,6 @@ _consul__leader() {
                 ;;
             consul__leader__subcmd__help,dev-agent)
                 cmd="consul__leader__subcmd__help__subcmd__dev__subcmd__agent"
-                ;;
-            consul__leader__subcmd__help,generate-docs)
-                cmd="consul__leader__subcmd__help__subcmd__generate__subcmd__docs"
                 ;;
             consul__leader__subcmd__help,help)
                 cmd="consul__leader__subcmd__help__subcmd__help"
@@ -59,7 +53,7 @@ _consul__leader() {
 
     case "${cmd}" in
         consul__leader)
-            opts="-h -V --help --version run status dev-agent demo generate-docs help"
+            opts="-h -V --help --version run status dev-agent demo help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -72,7 +66,7 @@ _consul__leader() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
-        consul__subcmd__leader__subcmd__demo)
+        consul__leader__subcmd__demo)
             opts="-h -V --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -86,7 +80,7 @@ _consul__leader() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
-        consul__subcmd__leader__subcmd__dev__subcmd__agent)
+        consul__leader__subcmd__dev__subcmd__agent)
             opts="-h -V --listen --tls-cert --tls-key --tls-client-ca --node --datacenter --session-ttl-min --acl-token --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -132,26 +126,8 @@ _consul__leader() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
-        consul__subcmd__leader__subcmd__generate__subcmd__docs)
-            opts="-h -V --out-dir --help --version"
-            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
-                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
-                return 0
-            fi
-            case "${prev}" in
-                --out-dir)
-                    COMPREPLY=($(compgen -f "${cur}"))
-                    return 0
-                    ;;
-                *)
-                    COMPREPLY=()
-                    ;;
-            esac
-            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
-            return 0
-            ;;
-        consul__subcmd__leader__subcmd__help)
-            opts="run status dev-agent demo generate-docs help"
+        consul__leader__subcmd__help)
+            opts="run status dev-agent demo help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -164,7 +140,7 @@ _consul__leader() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
-        consul__subcmd__leader__subcmd__help__subcmd__demo)
+        consul__leader__subcmd__help__subcmd__demo)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -178,7 +154,7 @@ _consul__leader() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
-        consul__subcmd__leader__subcmd__help__subcmd__dev__subcmd__agent)
+        consul__leader__subcmd__help__subcmd__dev__subcmd__agent)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -192,7 +168,7 @@ _consul__leader() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
-        consul__subcmd__leader__subcmd__help__subcmd__generate__subcmd__docs)
+        consul__leader__subcmd__help__subcmd__help)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -206,7 +182,7 @@ _consul__leader() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
-        consul__subcmd__leader__subcmd__help__subcmd__help)
+        consul__leader__subcmd__help__subcmd__run)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -220,7 +196,7 @@ _consul__leader() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
-        consul__subcmd__leader__subcmd__help__subcmd__run)
+        consul__leader__subcmd__help__subcmd__status)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -234,21 +210,7 @@ _consul__leader() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
-        consul__subcmd__leader__subcmd__help__subcmd__status)
-            opts=""
-            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
-                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
-                return 0
-            fi
-            case "${prev}" in
-                *)
-                    COMPREPLY=()
-                    ;;
-            esac
-            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
-            return 0
-            ;;
-        consul__subcmd__leader__subcmd__run)
+        consul__leader__subcmd__run)
             opts="-q -v -h -V --key --ttl --lock-delay --silence --grace --stop-signal --wait --shell --check --no-node-check --on-lost --busy-exit-code --lost-exit-code --name --quiet --verbose --log-format --http-addr --token --token-file --datacenter --ca-file --ca-path --client-cert --client-key --tls-server-name --namespace --partition --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -405,7 +367,7 @@ _consul__leader() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
-        consul__subcmd__leader__subcmd__status)
+        consul__leader__subcmd__status)
             opts="-h -V --key --json --http-addr --token --token-file --datacenter --ca-file --ca-path --client-cert --client-key --tls-server-name --namespace --partition --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )

@@ -30,7 +30,6 @@ complete -c consul-leader -n "__fish_consul_leader_needs_command" -f -a "run" -d
 complete -c consul-leader -n "__fish_consul_leader_needs_command" -f -a "status" -d 'Show who holds a key, since when, and its fencing token'
 complete -c consul-leader -n "__fish_consul_leader_needs_command" -f -a "dev-agent" -d 'Start a single-node, in-memory Consul-compatible server for trying the tool and for tests'
 complete -c consul-leader -n "__fish_consul_leader_needs_command" -f -a "demo" -d 'Show a leader, a standby and a handover in a few seconds, against a throwaway dev agent'
-complete -c consul-leader -n "__fish_consul_leader_needs_command" -f -a "generate-docs" -d 'Write the man pages and shell completions (for packagers and for this repository)'
 complete -c consul-leader -n "__fish_consul_leader_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l key -d 'The Consul KV key to lock, for example `jobs/report`' -r
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l ttl -d 'Session TTL: how long Consul keeps the session without a renew (it really waits 2x)' -r
@@ -98,14 +97,10 @@ complete -c consul-leader -n "__fish_consul_leader_using_subcommand dev-agent" -
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand dev-agent" -l acl-token -d 'Require this ACL token on every request; others get 403 Permission denied' -r
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand dev-agent" -s h -l help -d 'Print help'
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand dev-agent" -s V -l version -d 'Print version'
-complete -c consul-leader -n "__fish_consul_leader_using_subcommand demo" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand demo" -s h -l help -d 'Print help'
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand demo" -s V -l version -d 'Print version'
-complete -c consul-leader -n "__fish_consul_leader_using_subcommand generate-docs" -l out-dir -d 'Directory to write `man/` and `completions/` into' -r -F
-complete -c consul-leader -n "__fish_consul_leader_using_subcommand generate-docs" -s h -l help -d 'Print help'
-complete -c consul-leader -n "__fish_consul_leader_using_subcommand generate-docs" -s V -l version -d 'Print version'
-complete -c consul-leader -n "__fish_consul_leader_using_subcommand help; and not __fish_seen_subcommand_from run status dev-agent demo generate-docs help" -f -a "run" -d 'Win the lock on a key, run a command while it is held, stop it when leadership ends'
-complete -c consul-leader -n "__fish_consul_leader_using_subcommand help; and not __fish_seen_subcommand_from run status dev-agent demo generate-docs help" -f -a "status" -d 'Show who holds a key, since when, and its fencing token'
-complete -c consul-leader -n "__fish_consul_leader_using_subcommand help; and not __fish_seen_subcommand_from run status dev-agent demo generate-docs help" -f -a "dev-agent" -d 'Start a single-node, in-memory Consul-compatible server for trying the tool and for tests'
-complete -c consul-leader -n "__fish_consul_leader_using_subcommand help; and not __fish_seen_subcommand_from run status dev-agent demo generate-docs help" -f -a "demo" -d 'Show a leader, a standby and a handover in a few seconds, against a throwaway dev agent'
-complete -c consul-leader -n "__fish_consul_leader_using_subcommand help; and not __fish_seen_subcommand_from run status dev-agent demo generate-docs help" -f -a "generate-docs" -d 'Write the man pages and shell completions (for packagers and for this repository)'
-complete -c consul-leader -n "__fish_consul_leader_using_subcommand help; and not __fish_seen_subcommand_from run status dev-agent demo generate-docs help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand help; and not __fish_seen_subcommand_from run status dev-agent demo" -f -a "run" -d 'Win the lock on a key, run a command while it is held, stop it when leadership ends'
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand help; and not __fish_seen_subcommand_from run status dev-agent demo" -f -a "status" -d 'Show who holds a key, since when, and its fencing token'
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand help; and not __fish_seen_subcommand_from run status dev-agent demo" -f -a "dev-agent" -d 'Start a single-node, in-memory Consul-compatible server for trying the tool and for tests'
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand help; and not __fish_seen_subcommand_from run status dev-agent demo" -f -a "demo" -d 'Show a leader, a standby and a handover in a few seconds, against a throwaway dev agent'
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand help; and not __fish_seen_subcommand_from run status dev-agent demo" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'

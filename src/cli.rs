@@ -12,12 +12,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum, ValueHint};
 /// Run a command only while this host holds leadership through a Consul session lock.
 #[derive(Debug, Parser)]
 #[command(name = "consul-leader", version, propagate_version = true)]
-#[command(after_help = "\
-Examples:
-  consul-leader run --key jobs/report -- /usr/local/bin/report --daily
-  consul-leader run --key jobs/backup --wait 0 -- backup.sh     # from cron: give up at once if busy
-  consul-leader status --key jobs/report
-  consul-leader dev-agent                                       # a local stand-in for Consul")]
+#[command(after_help = crate::docs::after_help(&crate::docs::ROOT))]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -41,6 +36,7 @@ pub enum Command {
         this program and /bin/sh; stops everything it started before it exits. Also a quick way \
         to check an installation."
     )]
+    #[command(after_help = crate::docs::after_help(&crate::docs::DEMO))]
     Demo,
     /// Write the man pages and shell completions (for packagers and for this repository).
     #[command(hide = true)]
@@ -127,20 +123,7 @@ pub struct ConsulArgs {
 
 /// Options of `consul-leader run`.
 #[derive(Debug, Args)]
-#[command(after_help = "\
-Exit codes:
-  the command's own code     the command exited
-  128+N                      the command was killed by signal N
-  75                         not leader within --wait (see --busy-exit-code)
-  76                         leadership lost while the command ran (see --lost-exit-code)
-  125                        Consul unreachable, ACL denied, bad response, internal error
-  126 / 127                  the command cannot be executed / was not found
-  2                          usage error
-
-Examples:
-  consul-leader run --key jobs/report -- /usr/local/bin/report --daily
-  consul-leader run --key jobs/report --wait 0 -- report     # cron: exit 75 at once when busy
-  consul-leader run --key svc/worker --on-lost recontend --shell -- 'exec worker >>/var/log/w.log'")]
+#[command(after_help = crate::docs::after_help(&crate::docs::RUN))]
 pub struct RunArgs {
     /// The Consul KV key to lock, for example `jobs/report`.
     #[arg(long, value_name = "KEY")]
@@ -192,7 +175,7 @@ pub struct RunArgs {
     pub no_node_check: bool,
 
     /// What to do when leadership is lost while the command runs.
-    #[arg(long, value_enum, default_value = "exit")]
+    #[arg(long, value_enum, value_name = "ACTION", default_value = "exit")]
     pub on_lost: OnLost,
 
     /// Exit code when the lock was not won within --wait (change it when the command's own
@@ -218,26 +201,25 @@ pub struct RunArgs {
     pub verbose: bool,
 
     /// Log line format on stderr.
-    #[arg(long, value_enum, default_value = "text")]
+    #[arg(long, value_enum, value_name = "FORMAT", default_value = "text")]
     pub log_format: LogFormat,
 
     #[command(flatten)]
     pub consul: ConsulArgs,
 
     /// The command to run, and its arguments (after `--`).
-    #[arg(required = true, trailing_var_arg = true, value_name = "COMMAND")]
+    #[arg(
+        required = true,
+        trailing_var_arg = true,
+        value_name = "COMMAND",
+        value_hint = ValueHint::CommandWithArguments
+    )]
     pub command: Vec<String>,
 }
 
 /// Options of `consul-leader status`.
 #[derive(Debug, Args)]
-#[command(after_help = "\
-Exit codes: 0 the key is held, 1 it is free (or not a lock), 125 Consul could not be asked,
-2 usage error.
-
-Examples:
-  consul-leader status --key jobs/report
-  consul-leader status --key jobs/report --json | jq -r .holder")]
+#[command(after_help = crate::docs::after_help(&crate::docs::STATUS))]
 pub struct StatusArgs {
     /// The Consul KV key to inspect.
     #[arg(long, value_name = "KEY")]
@@ -253,15 +235,13 @@ pub struct StatusArgs {
 
 /// Options of `consul-leader dev-agent`.
 #[derive(Debug, Args)]
-#[command(after_help = "\
-The dev agent keeps everything in memory and is for development and tests only, like
-`consul agent -dev`. It prints `dev-agent listening on ADDR` once it accepts connections.
-
-Examples:
-  consul-leader dev-agent
-  consul-leader dev-agent --listen 127.0.0.1:0 --session-ttl-min 1s
-  consul-leader dev-agent --listen unix:///tmp/consul.sock
-  consul-leader dev-agent --listen 127.0.0.1:8501 --tls-cert agent.pem --tls-key agent-key.pem")]
+#[command(
+    long_about = "Start a single-node, in-memory Consul-compatible server for trying the tool and \
+                  for tests.\n\nThe dev agent keeps everything in memory and is for development \
+                  and tests only, like `consul agent -dev`. It prints `dev-agent listening on \
+                  ADDR` once it accepts connections.",
+    after_help = crate::docs::after_help(&crate::docs::DEV_AGENT)
+)]
 pub struct DevAgentArgs {
     /// Address to listen on: ip:port (port 0 picks a free port) or unix:///path/to.sock.
     #[arg(
