@@ -1,6 +1,7 @@
 //! `consul-leader status`: who holds a lock key, since when, with which fencing token, and whether
 //! the last holder released cleanly. Reads keys held by `consul lock` and Go's `api.Lock` too, and
-//! says what it can about them. Exit 0 when held, 1 when free, 125 on error.
+//! says what it can about them. Exit 0 when held, 1 when free, 3 when the key is not a lock (a
+//! `consul lock -n` semaphore, or plain data), 125 on error.
 
 use std::process::ExitCode;
 
@@ -17,7 +18,7 @@ use crate::wire::{KvEntry, LOCK_FLAG_VALUE, SEMAPHORE_FLAG_VALUE};
 #[derive(Debug, Serialize, PartialEq)]
 struct Report {
     key: String,
-    /// `held`, `free`, `absent` (no such key) or `not-a-lock`.
+    /// `held`, `free`, `absent` (no such key), `semaphore` or `data` (not a lock).
     state: &'static str,
     held: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -45,7 +46,15 @@ struct Report {
     /// Who wrote the key: `consul-leader`, `consul lock / api.Lock`, or `other`.
     written_by: &'static str,
     flags: u64,
+    /// A semaphore's coordination key (`consul lock -n N`): its limit and the sessions holding it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    limit: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    holders: Option<Vec<String>>,
 }
+
+/// Exit code when the key is not a lock.
+const NOT_A_LOCK: u8 = 3;
 
 pub fn main(args: StatusArgs) -> ExitCode {
     let consul = match validate_key(&args.key).and_then(|_| ConsulConfig::from_args(&args.consul)) {
@@ -72,7 +81,11 @@ pub fn main(args: StatusArgs) -> ExitCode {
             } else {
                 print!("{}", render(&r));
             }
-            ExitCode::from(if r.held { 0 } else { 1 })
+            ExitCode::from(match r.state {
+                "held" => 0,
+                "semaphore" | "data" => NOT_A_LOCK,
+                _ => 1,
+            })
         }
         Err(e) => {
             eprintln!("consul-leader: {e:#}");
@@ -112,12 +125,39 @@ fn describe(key: &str, entry: Option<&KvEntry>) -> Report {
         released_at: None,
         written_by: "other",
         flags: 0,
+        limit: None,
+        holders: None,
     };
     let Some(e) = entry else { return r };
     r.flags = e.flags;
     r.fencing_token = e.lock_index;
+    if e.flags == SEMAPHORE_FLAG_VALUE {
+        r.state = "semaphore";
+        r.written_by = "consul lock -n / api.Semaphore";
+        r.session = e.session.clone();
+        // The coordination key (`<prefix>/.lock`) lists the limit and the holders' sessions; a
+        // contender's own key (`<prefix>/<session>`) only carries its session.
+        #[derive(serde::Deserialize)]
+        struct Coordination {
+            #[serde(rename = "Limit")]
+            limit: u64,
+            #[serde(rename = "Holders", default)]
+            holders: std::collections::BTreeMap<String, bool>,
+        }
+        if let Ok(c) = serde_json::from_slice::<Coordination>(&e.value_bytes()) {
+            r.limit = Some(c.limit);
+            r.holders = Some(
+                c.holders
+                    .into_iter()
+                    .filter(|(_, v)| *v)
+                    .map(|(k, _)| k)
+                    .collect(),
+            );
+        }
+        return r;
+    }
     if e.flags != LOCK_FLAG_VALUE {
-        r.state = "not-a-lock";
+        r.state = "data";
         return r;
     }
     let value = HolderValue::parse(&e.value_bytes());
@@ -159,14 +199,38 @@ fn render(r: &Report) -> String {
             line("state", "free (the key does not exist)");
             return out;
         }
-        "not-a-lock" => {
-            let what = if r.flags == SEMAPHORE_FLAG_VALUE {
-                "a Consul semaphore, not a lock".to_string()
-            } else {
-                format!("data that is not a lock (flags {})", r.flags)
-            };
+        "semaphore" => {
             line("key", &r.key);
-            line("state", &format!("not a lock: the key holds {what}"));
+            line(
+                "state",
+                "not a lock: a Consul semaphore (consul lock -n, api.Semaphore)",
+            );
+            if let Some(limit) = r.limit {
+                line("limit", &limit.to_string());
+            }
+            match (&r.holders, &r.session) {
+                (Some(h), _) if h.is_empty() => line("holders", "none"),
+                (Some(h), _) => line("holders", &h.join(", ")),
+                (None, Some(s)) => line("contender", &format!("session {s}")),
+                (None, None) => {}
+            }
+            if r.limit.is_none() {
+                line(
+                    "hint",
+                    "the semaphore's limit and holders are in the key <prefix>/.lock",
+                );
+            }
+            return out;
+        }
+        "data" => {
+            line("key", &r.key);
+            line(
+                "state",
+                &format!(
+                    "not a lock: the key holds data (flags {}), not a lock of consul-leader, consul lock or api.Lock",
+                    r.flags
+                ),
+            );
             return out;
         }
         _ => {}
@@ -264,10 +328,31 @@ mod tests {
     #[test]
     fn other_keys_are_named_for_what_they_are() {
         let r = describe("k", Some(&entry(None, 0, 0, b"data")));
-        assert_eq!(r.state, "not-a-lock");
+        assert_eq!(r.state, "data");
         assert!(!r.held);
+        assert!(render(&r).contains("not a lock: the key holds data"));
         let r = describe("k", Some(&entry(None, 0, SEMAPHORE_FLAG_VALUE, b"")));
         assert!(render(&r).contains("semaphore"));
         assert_eq!(describe("k", None).state, "absent");
+    }
+
+    #[test]
+    fn a_semaphores_limit_and_holders_are_shown() {
+        let value = br#"{"Limit":3,"Holders":{"s1":true,"s2":true}}"#;
+        let r = describe(
+            "p/.lock",
+            Some(&entry(None, 0, SEMAPHORE_FLAG_VALUE, value)),
+        );
+        assert_eq!(r.state, "semaphore");
+        assert_eq!(r.limit, Some(3));
+        assert_eq!(
+            r.holders.as_deref(),
+            Some(&["s1".to_string(), "s2".to_string()][..])
+        );
+        let text = render(&r);
+        assert!(
+            text.contains("limit           3") && text.contains("s1, s2"),
+            "{text}"
+        );
     }
 }
