@@ -81,7 +81,7 @@ _consul__leader() {
             return 0
             ;;
         consul__leader__subcmd__dev__subcmd__agent)
-            opts="-h -V --listen --tls-cert --tls-key --tls-client-ca --node --datacenter --session-ttl-min --acl-token --help --version"
+            opts="-h -V --listen --tls-cert --tls-key --tls-client-ca --node --datacenter --session-ttl-min --commit-latency --acl-token --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -112,6 +112,10 @@ _consul__leader() {
                     return 0
                     ;;
                 --session-ttl-min)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --commit-latency)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -94,6 +94,7 @@ complete -c consul-leader -n "__fish_consul_leader_using_subcommand dev-agent" -
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand dev-agent" -l node -d 'Node name (default: the host name)' -r
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand dev-agent" -l datacenter -d 'Datacenter name' -r
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand dev-agent" -l session-ttl-min -d 'Smallest session TTL accepted (Consul\'s session_ttl_min); tests lower it' -r
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand dev-agent" -l commit-latency -d 'Delay every write that Consul commits through Raft (KV writes, session create and destroy) by this long before it is applied, so that a read sent at the same time answers first, as it can with a real cluster. Zero (the default) applies writes at once' -r
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand dev-agent" -l acl-token -d 'Require this ACL token on every request; others get 403 Permission denied' -r
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand dev-agent" -s h -l help -d 'Print help'
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand dev-agent" -s V -l version -d 'Print version'

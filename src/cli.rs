@@ -276,6 +276,12 @@ pub struct DevAgentArgs {
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration, allow_hyphen_values = true)]
     pub session_ttl_min: Duration,
 
+    /// Delay every write that Consul commits through Raft (KV writes, session create and
+    /// destroy) by this long before it is applied, so that a read sent at the same time answers
+    /// first, as it can with a real cluster. Zero (the default) applies writes at once.
+    #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = parse_duration, allow_hyphen_values = true)]
+    pub commit_latency: Duration,
+
     /// Require this ACL token on every request; others get 403 Permission denied.
     #[arg(long, value_name = "TOKEN")]
     pub acl_token: Option<String>,
