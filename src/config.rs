@@ -11,6 +11,7 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 
 use crate::cli::{ConsulArgs, LogFormat, OnLost, RunArgs};
+use crate::election::Timing;
 
 /// A usage or configuration error: one line that says what to fix. Exit code 2.
 #[derive(Debug, thiserror::Error)]
@@ -286,8 +287,33 @@ pub struct RunConfig {
 const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Consul caps lock-delay here when it applies it; a larger value would silently mean less.
 const MAX_LOCK_DELAY: Duration = Duration::from_secs(60);
+/// The silence may have to cover the longest TTL; beyond that it only holds the lock idle.
+const MAX_SILENCE: Duration = MAX_TTL;
+/// The longest `--wait`: omit the flag to wait for ever.
+const MAX_WAIT: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// Refuses a duration above `max`, before any arithmetic can overflow on it.
+fn at_most(flag: &str, value: Duration, max: Duration, hint: &str) -> Result<(), ConfigError> {
+    if value > max {
+        return Err(bad(format!(
+            "{flag} {} is too long; the most it takes is {}{hint}",
+            humantime::format_duration(value),
+            humantime::format_duration(max)
+        )));
+    }
+    Ok(())
+}
 
 impl RunConfig {
+    /// The timing the election rules need.
+    pub fn timing(&self) -> Timing {
+        Timing {
+            ttl: self.ttl,
+            lock_delay: self.lock_delay,
+            silence: self.silence,
+        }
+    }
+
     pub fn from_args(args: &RunArgs) -> Result<Self, ConfigError> {
         let key = validate_key(&args.key)?;
         let consul = ConsulConfig::from_args(&args.consul)?;
@@ -304,10 +330,25 @@ impl RunConfig {
                 humantime::format_duration(args.lock_delay)
             )));
         }
+        at_most("--silence", args.silence, MAX_SILENCE, "")?;
+        at_most(
+            "--grace",
+            args.grace,
+            MAX_TTL / 2,
+            " (and less than half the TTL)",
+        )?;
+        if let Some(wait) = args.wait {
+            at_most(
+                "--wait",
+                wait,
+                MAX_WAIT,
+                "; leave --wait out to wait for ever",
+            )?;
+        }
         // Self-fencing starts the stop sequence at (last renew + TTL - grace - margin). Renewing
         // happens every TTL/3; the stop must leave room for at least one renew retry after a
         // missed renew, so grace has to stay below TTL/2.
-        if args.grace * 2 >= args.ttl {
+        if args.grace.saturating_mul(2) >= args.ttl {
             return Err(bad(format!(
                 "--grace {} does not fit inside --ttl {}: grace must be less than half the TTL, so that \
                  the command can be stopped before the session may expire; raise --ttl or lower --grace",
@@ -315,14 +356,20 @@ impl RunConfig {
                 humantime::format_duration(args.ttl)
             )));
         }
-        // After a session is invalidated (operator destroy, failed check) the old leader's command
-        // may need up to `grace` to stop; the next leader is held back by lock-delay and silence,
-        // so at least one of them must cover the grace period.
-        if args.lock_delay.max(args.silence) < args.grace {
+        // A leader cut off from Consul keeps its command until its fence, up to a TTL after its
+        // last renew, while Consul may free the key right after that renew (a bound check that
+        // goes critical, a destroyed session). Only lock-delay and silence hold the next leader
+        // back (election's module docs, 2 and 3), so one of them must cover the TTL.
+        if args.lock_delay.max(args.silence) < args.ttl {
             return Err(bad(format!(
-                "--grace {} is longer than both --lock-delay and --silence; a new leader could start \
-                 while this one's command is still stopping; raise --silence or --lock-delay",
-                humantime::format_duration(args.grace)
+                "--silence {} and --lock-delay {} are both shorter than --ttl {}: a leader cut off \
+                 from Consul keeps its command up to the TTL after its last renew, while Consul may \
+                 free the key right after that renew (a failed check); raise --silence (or \
+                 --lock-delay, at most 60s) to at least {}",
+                humantime::format_duration(args.silence),
+                humantime::format_duration(args.lock_delay),
+                humantime::format_duration(args.ttl),
+                humantime::format_duration(args.ttl)
             )));
         }
         if args.command.is_empty() || args.command[0].is_empty() {
@@ -371,10 +418,23 @@ impl RunConfig {
 /// Keys are sent as a URL path: Consul redirects unclean paths and rejects a leading `/` (its Go
 /// client refuses those for PUT), so catch them here with a clear message.
 pub fn validate_key(key: &str) -> Result<String, ConfigError> {
-    if key.is_empty() {
-        return Err(bad(
-            "--key is empty; give a Consul KV key such as jobs/report",
-        ));
+    if key.trim().is_empty() {
+        return Err(bad(format!(
+            "--key {key:?} is blank; give a Consul KV key such as jobs/report"
+        )));
+    }
+    // A `\r` from a file with CRLF line ends names another key than the one meant, and two
+    // leaders would run on "jobs/report" and "jobs/report\r" with identical log lines.
+    if key.chars().any(char::is_control) {
+        return Err(bad(format!(
+            "--key {key:?} contains a control character (a line end from a file with CRLF \
+             line ends?); remove it"
+        )));
+    }
+    if key.trim() != key {
+        return Err(bad(format!(
+            "--key {key:?} starts or ends with whitespace; remove it"
+        )));
     }
     if key.starts_with('/') {
         return Err(bad(format!(
@@ -451,9 +511,58 @@ mod tests {
     }
 
     #[test]
-    fn grace_must_be_covered_by_silence_or_lock_delay() {
-        let e = run_args(&["--lock-delay", "1s", "--silence", "2s", "--grace", "3s"]).unwrap_err();
-        assert!(e.0.contains("raise --silence"), "{e}");
+    fn silence_or_lock_delay_must_cover_the_ttl() {
+        let e = run_args(&[
+            "--ttl",
+            "10s",
+            "--lock-delay",
+            "1s",
+            "--silence",
+            "1s",
+            "--grace",
+            "500ms",
+        ])
+        .unwrap_err();
+        assert!(
+            e.0.contains("raise --silence") && e.0.contains("--ttl 10s"),
+            "{e}"
+        );
+        assert!(!e.0.contains('\n'), "one line: {e}");
+        let ok = |d, s| {
+            run_args(&[
+                "--ttl",
+                "10s",
+                "--grace",
+                "1s",
+                "--lock-delay",
+                d,
+                "--silence",
+                s,
+            ])
+        };
+        assert!(ok("1s", "10s").is_ok());
+        assert!(ok("10s", "0").is_ok());
+        // Above Consul's 60s lock-delay cap only the silence can cover the TTL.
+        let e = run_args(&["--ttl", "2m", "--lock-delay", "60s", "--silence", "1m"]).unwrap_err();
+        assert!(e.0.contains("at least 2m"), "{e}");
+    }
+
+    #[test]
+    fn durations_that_could_overflow_are_refused() {
+        for (flag, value) in [
+            ("--grace", "18446744073709551615s"),
+            ("--silence", "18446744073709551615s"),
+            ("--wait", "18446744073709551615s"),
+            ("--silence", "100y"),
+            ("--ttl", "18446744073709551615s"),
+            ("--lock-delay", "18446744073709551615s"),
+        ] {
+            let e = run_args(&[flag, value]).unwrap_err();
+            assert!(e.0.contains(flag), "{flag} {value}: {e}");
+        }
+        assert!(run_args(&["--wait", "0"]).is_ok());
+        assert!(run_args(&["--wait", "30days"]).is_ok());
+        assert!(run_args(&["--wait", "31days"]).is_err());
     }
 
     #[test]
@@ -463,10 +572,26 @@ mod tests {
 
     #[test]
     fn keys_are_checked() {
-        for k in ["", "/a", "a/", "a//b", "a/../b"] {
+        for k in [
+            "",
+            "   ",
+            "/a",
+            "a/",
+            "a//b",
+            "a/../b",
+            "jobs/report\r",
+            "jobs/\nreport",
+            " jobs/a",
+            "jobs/a ",
+            "a\tb",
+        ] {
             assert!(validate_key(k).is_err(), "{k:?}");
         }
         assert!(validate_key("jobs/report").is_ok());
+        assert!(validate_key("jobs/with space").is_ok());
+        // The key is shown escaped, so an invisible character can be seen.
+        let e = validate_key("jobs/report\r").unwrap_err();
+        assert!(e.0.contains(r#""jobs/report\r""#), "{e}");
     }
 
     #[test]

@@ -35,7 +35,8 @@ struct Report {
     /// When the holder acquired the lock (RFC 3339), when it says so in the value.
     #[serde(skip_serializing_if = "Option::is_none")]
     since: Option<String>,
-    /// The key's LockIndex: what the holder's child got as `CONSUL_LEADER_FENCING_TOKEN`.
+    /// The key's ModifyIndex: while held by consul-leader, the index of the holder's acquire,
+    /// which its child got as `CONSUL_LEADER_FENCING_TOKEN`.
     fencing_token: u64,
     /// For a free key: whether the last holder released cleanly (`None`: unknown).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -115,7 +116,7 @@ fn describe(key: &str, entry: Option<&KvEntry>) -> Report {
     };
     let Some(e) = entry else { return r };
     r.flags = e.flags;
-    r.fencing_token = e.lock_index;
+    r.fencing_token = e.modify_index;
     if e.flags != LOCK_FLAG_VALUE {
         r.state = "not-a-lock";
         return r;
@@ -213,8 +214,17 @@ fn render(r: &Report) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
     use crate::consul::SessionId;
+    use crate::election::Timing;
+
+    const TIMING: Timing = Timing {
+        ttl: Duration::from_secs(15),
+        lock_delay: Duration::from_secs(15),
+        silence: Duration::from_secs(15),
+    };
 
     fn entry(session: Option<&str>, lock_index: u64, flags: u64, value: &[u8]) -> KvEntry {
         KvEntry {
@@ -230,7 +240,7 @@ mod tests {
 
     #[test]
     fn held_by_consul_leader() {
-        let v = HolderValue::new("web1", &SessionId("s1".into()));
+        let v = HolderValue::new("web1", &SessionId("s1".into()), &TIMING, Duration::ZERO);
         let r = describe(
             "k",
             Some(&entry(Some("s1"), 4, LOCK_FLAG_VALUE, &v.to_bytes())),
@@ -238,14 +248,16 @@ mod tests {
         assert_eq!(r.state, "held");
         assert!(r.held);
         assert_eq!(r.host.as_deref(), Some("web1"));
-        assert_eq!(r.fencing_token, 4);
+        // The ModifyIndex of the acquire, not the LockIndex.
+        assert_eq!(r.fencing_token, 2);
         assert_eq!(r.written_by, "consul-leader");
         assert!(render(&r).contains("holder"));
     }
 
     #[test]
     fn free_after_clean_release() {
-        let v = HolderValue::new("web1", &SessionId("s1".into())).released_clean();
+        let v = HolderValue::new("web1", &SessionId("s1".into()), &TIMING, Duration::ZERO)
+            .released_clean();
         let r = describe("k", Some(&entry(None, 4, LOCK_FLAG_VALUE, &v.to_bytes())));
         assert_eq!(r.state, "free");
         assert_eq!(r.released_clean, Some(true));

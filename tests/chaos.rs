@@ -86,8 +86,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use common::leader::{
-    DEADLINE, DeathWatch, Event, Fixture, Timing, WrapperBuilder, lifetimes, lock_state, now_us,
-    overlaps, parent, pid_alive, sessions_for,
+    DEADLINE, DeathWatch, Event, Fixture, Timing, WrapperBuilder, lifetimes, lock_state,
+    modify_index, now_us, overlaps, parent, pid_alive, sessions_for,
 };
 use common::proxy::{FaultProxy, Mode};
 use common::{DevAgent, Http, Proc, skip};
@@ -1152,11 +1152,17 @@ impl Chaos {
             || format!("child {child} of wrapper #{owner} ended, though no fault hit it"),
         );
         let state = self.rt.block_on(lock_state(&self.agent, &self.key_name));
-        let Some((Some(session), lock_index, value)) = state.clone() else {
+        let Some((Some(session), _, value)) = state.clone() else {
             self.fail(format!(
                 "child {child} of wrapper #{owner} runs but the key is {state:?}"
             ));
         };
+        // The fencing token is the ModifyIndex of the acquire (the holder never writes the key
+        // while it holds it).
+        let token = self
+            .rt
+            .block_on(modify_index(&self.agent, &self.key_name))
+            .unwrap_or(0);
         self.check(value["pid"].as_u64() == Some(wrapper_pid as u64), || {
             format!("child {child} of wrapper #{owner} (pid {wrapper_pid}) runs, but the key names {value}")
         });
@@ -1164,25 +1170,25 @@ impl Chaos {
         let env_token = proc_env(child, "CONSUL_LEADER_FENCING_TOKEN");
         self.check(
             env_session.as_deref() == Some(session.as_str())
-                && env_token.as_deref() == Some(lock_index.to_string().as_str()),
+                && env_token.as_deref() == Some(token.to_string().as_str()),
             || {
                 format!(
                     "child {child} has session {env_session:?} and fencing token {env_token:?}; \
-                     the key has {session} and lock index {lock_index}"
+                     the key has {session} and modify index {token}"
                 )
             },
         );
         if let Some(prev) = &self.leader {
-            self.check(lock_index > prev.fencing_token, || {
+            self.check(token > prev.fencing_token, || {
                 format!(
-                    "fencing token {lock_index} of child {child} is not above the previous \
+                    "fencing token {token} of child {child} is not above the previous \
                      leader's {}",
                     prev.fencing_token
                 )
             });
         }
         self.note(format!(
-            "wrapper #{owner} leads: child {child}, fencing token {lock_index} ({})",
+            "wrapper #{owner} leads: child {child}, fencing token {token} ({})",
             conf.describe()
         ));
         let leader = Leader {
@@ -1191,7 +1197,7 @@ impl Chaos {
             owner,
             wrapper_pid,
             session,
-            fencing_token: lock_index,
+            fencing_token: token,
         };
         self.leader = Some(leader.clone());
         leader
