@@ -22,11 +22,11 @@ use tracing::{debug, error, info, warn};
 use crate::cli::{OnLost, RunArgs};
 use crate::clock::{self, BootTime};
 use crate::config::RunConfig;
-use crate::consul::{Client, ConsulError};
+use crate::consul::Client;
 use crate::election::{self, Fence};
 use crate::exit;
-use crate::lock::consul::{ConsulMutex, Term, Won};
-use crate::lock::{ContendEnd, Renewal, SessionEnd, Verdict};
+use crate::lock::consul::ConsulMutex;
+use crate::lock::{AbortOnDrop, ContendEnd, Protocol, Renewal, SessionEnd, Term, Verdict, Won};
 use crate::notify;
 use crate::supervisor::{self, ChildExit, ChildSpec, Supervisor};
 
@@ -164,9 +164,10 @@ enum TermEnd {
     SessionGone,
 }
 
-struct Leader {
+/// The driver: one lock protocol, the wrapper's signals, the supervisor.
+struct Leader<P: Protocol> {
     cfg: RunConfig,
-    mutex: ConsulMutex,
+    lock: P,
     signals: Signals,
     supervisor: Supervisor,
 }
@@ -195,7 +196,7 @@ async fn run(cfg: RunConfig) -> Outcome {
         }
     };
     let mut leader = Leader {
-        mutex: ConsulMutex::new(client, cfg.clone()),
+        lock: ConsulMutex::new(client, cfg.clone()),
         cfg,
         signals,
         supervisor,
@@ -203,7 +204,7 @@ async fn run(cfg: RunConfig) -> Outcome {
     leader.run().await
 }
 
-impl Leader {
+impl<P: Protocol> Leader<P> {
     async fn run(&mut self) -> Outcome {
         let mut first_term = true;
         loop {
@@ -217,7 +218,7 @@ impl Leader {
             };
             first_term = false;
             let _watchdog = notify::watchdog_interval().map(|every| {
-                crate::lock::consul::AbortOnDrop::spawn(ping_watchdog(
+                AbortOnDrop::spawn(ping_watchdog(
                     every,
                     term.renewals(),
                     self.cfg.ttl,
@@ -229,19 +230,19 @@ impl Leader {
             match end {
                 TermEnd::Done(outcome) => {
                     notify::stopping("stopping");
-                    self.mutex.close(term, 3).await;
+                    self.lock.close(term, 3).await;
                     return outcome;
                 }
                 TermEnd::SessionGone => {
                     warn!(
                         "session {} is gone (expired or destroyed); creating a new one",
-                        term.session
+                        term.id()
                     );
                 }
                 TermEnd::Lost(reason) => {
                     // The loss itself was logged where it was seen. One try: after a fence the
                     // agent is likely unreachable, and Consul expires the session anyway.
-                    self.mutex.close(term, 1).await;
+                    self.lock.close(term, 1).await;
                     match self.cfg.on_lost {
                         OnLost::Exit => {
                             notify::stopping(&format!("lost leadership: {reason}"));
@@ -259,16 +260,20 @@ impl Leader {
     /// first attempt is reported at once, since a wrong address or certificate is the usual
     /// cause. A stop signal ends the wait; an attempt already sent is finished first, so that a
     /// session it created is destroyed rather than left to expire.
-    async fn open_term(&mut self, first: bool, deadline: Option<Instant>) -> Result<Term, Outcome> {
+    async fn open_term(
+        &mut self,
+        first: bool,
+        deadline: Option<Instant>,
+    ) -> Result<P::Term, Outcome> {
         let mut attempt = 0u32;
         loop {
-            let opening = self.mutex.open();
+            let opening = self.lock.open();
             tokio::pin!(opening);
             let result = tokio::select! {
                 r = &mut opening => r,
                 sig = self.signals.next_stop() => {
                     if let Ok(term) = opening.await {
-                        self.mutex.close(term, 1).await;
+                        self.lock.close(term, 1).await;
                     }
                     return Err(Outcome::Signal(sig));
                 }
@@ -278,16 +283,14 @@ impl Leader {
                 Err(e) => e,
             };
             let expired = deadline.is_some_and(|d| Instant::now() >= d);
-            let unreachable =
-                matches!(e, ConsulError::Unreachable { .. } | ConsulError::Tls { .. });
-            if !e.is_transient() || expired || (first && attempt == 0 && unreachable) {
-                error!("cannot create a Consul session: {}", session_hint(&e));
+            if !e.transient || expired || (first && attempt == 0 && e.unreachable) {
+                error!("{}", e.message);
                 return Err(Outcome::Code(exit::INTERNAL));
             }
             if attempt == 0 {
-                warn!("cannot create a session yet: {e}; retrying");
+                warn!("{}; retrying", e.message);
             } else {
-                debug!("cannot create a session yet: {e}; retrying");
+                debug!("{}; retrying", e.message);
             }
             let mut pause =
                 election::backoff(attempt, Duration::from_millis(500), Duration::from_secs(5));
@@ -303,17 +306,17 @@ impl Leader {
     }
 
     /// One term with a live session: contend, then lead.
-    async fn term(&mut self, term: &mut Term, deadline: Option<Instant>) -> TermEnd {
+    async fn term(&mut self, term: &mut P::Term, deadline: Option<Instant>) -> TermEnd {
         let mut renewals = term.renewals();
         let contended = tokio::select! {
-            r = self.mutex.contend(term, deadline) => r,
+            r = self.lock.contend(term, deadline) => r,
             end = session_ended(&mut renewals) => Err(match end {
                 SessionEnd::Gone => ContendEnd::SessionGone,
                 SessionEnd::Fatal(msg) => ContendEnd::Fatal(format!("cannot renew the session: {msg}")),
             }),
             sig = self.signals.next_stop() => {
                 // An acquire may have been in flight: let go of the key (no child ran).
-                self.mutex.abandon(term).await;
+                self.lock.abandon(term).await;
                 return TermEnd::Done(Outcome::Signal(sig));
             }
         };
@@ -329,23 +332,24 @@ impl Leader {
             Err(ContendEnd::SessionGone) => TermEnd::SessionGone,
             Err(ContendEnd::Fatal(msg)) => {
                 error!("{msg}");
-                self.mutex.abandon(term).await;
+                self.lock.abandon(term).await;
                 TermEnd::Done(Outcome::Code(exit::INTERNAL))
             }
         }
     }
 
     /// Holds the lock: the wait owed to earlier holders, the child, and the stop sequence.
-    async fn lead(&mut self, term: &mut Term, won: Won) -> TermEnd {
+    async fn lead(&mut self, term: &mut P::Term, won: P::Won) -> TermEnd {
         let cfg = self.cfg.clone();
         info!(
             "acquired the lock on {} (fencing token {})",
-            cfg.key, won.fencing_token
+            cfg.key,
+            won.fencing_token()
         );
-        let (_watcher, mut verdicts) = self.mutex.watch(term, &won);
+        let (_watcher, mut verdicts) = self.lock.watch(term, &won);
         let mut renewals = term.renewals();
 
-        if let Some(until) = won.owed_until {
+        if let Some(until) = won.owed_until() {
             info!(
                 "silence: the previous holder's command may still run; starting the command in {}",
                 humantime::format_duration(round_ms(until.remaining()))
@@ -363,7 +367,7 @@ impl Leader {
                     sig = self.signals.next_stop() => {
                         // The wait has not passed: no clean mark (election's module docs, 5).
                         let clean = election::may_mark_clean(Some(until), BootTime::now());
-                        self.mutex.release(term, &won.value, clean).await;
+                        self.lock.release(term, &won, clean).await;
                         return TermEnd::Done(Outcome::Signal(sig));
                     }
                 }
@@ -374,7 +378,7 @@ impl Leader {
         // so the release is clean.
         tokio::task::yield_now().await;
         if let Some(sig) = self.signals.pending_stop() {
-            self.mutex.release(term, &won.value, true).await;
+            self.lock.release(term, &won, true).await;
             return TermEnd::Done(Outcome::Signal(sig));
         }
         // Nor may a child start when the session cannot be trusted any more.
@@ -388,12 +392,12 @@ impl Leader {
             error!("lost leadership on {}: {reason}", cfg.key);
             return TermEnd::Lost(reason.into());
         }
-        let spec = self.child_spec(&term.session.0, won.fencing_token);
+        let spec = self.child_spec(&term.id(), won.fencing_token());
         let pid = match self.supervisor.spawn(&spec, fence) {
             Ok(pid) => pid,
             Err(e) => {
                 error!("{e}");
-                self.mutex.release(term, &won.value, true).await;
+                self.lock.release(term, &won, true).await;
                 return TermEnd::Done(Outcome::Code(e.exit_code()));
             }
         };
@@ -489,15 +493,15 @@ impl Leader {
             (Why::Ended(Verdict::Lost(reason)), None) => TermEnd::Lost(reason),
             (Why::Ended(Verdict::Lost(_)), Some(sig)) => TermEnd::Done(Outcome::Signal(sig)),
             (Why::Ended(Verdict::Fatal(_)), sig) => {
-                self.mutex.release(term, &won.value, true).await;
+                self.lock.release(term, &won, true).await;
                 TermEnd::Done(sig.map_or(Outcome::Code(exit::INTERNAL), Outcome::Signal))
             }
             (_, Some(sig)) => {
-                self.mutex.release(term, &won.value, true).await;
+                self.lock.release(term, &won, true).await;
                 TermEnd::Done(Outcome::Signal(sig))
             }
             (Why::Exited(status), None) => {
-                self.mutex.release(term, &won.value, true).await;
+                self.lock.release(term, &won, true).await;
                 TermEnd::Done(Outcome::Code(status.exit_code()))
             }
             (Why::Signal(_), None) => unreachable!("a signal stop always has its signal"),
@@ -506,7 +510,12 @@ impl Leader {
 
     /// Leadership ended before a child started: after a loss nothing is left to do (the key is
     /// not ours); after a definitive error let go of the key, clean only if the wait passed.
-    async fn end_without_child(&mut self, term: &Term, won: &Won, verdict: Verdict) -> TermEnd {
+    async fn end_without_child(
+        &mut self,
+        term: &P::Term,
+        won: &P::Won,
+        verdict: Verdict,
+    ) -> TermEnd {
         match verdict {
             Verdict::Lost(reason) => {
                 error!(
@@ -517,8 +526,8 @@ impl Leader {
             }
             Verdict::Fatal(msg) => {
                 error!("{msg}");
-                let clean = election::may_mark_clean(won.owed_until, BootTime::now());
-                self.mutex.release(term, &won.value, clean).await;
+                let clean = election::may_mark_clean(won.owed_until(), BootTime::now());
+                self.lock.release(term, won, clean).await;
                 TermEnd::Done(Outcome::Code(exit::INTERNAL))
             }
         }
@@ -553,22 +562,6 @@ impl Leader {
 
 fn round_ms(d: Duration) -> Duration {
     Duration::from_millis(d.as_millis() as u64)
-}
-
-fn session_hint(e: &ConsulError) -> String {
-    match e {
-        ConsulError::Status { body, .. } if body.contains("Session TTL") => {
-            format!("{e}; the agent's session_ttl_min is larger than --ttl, raise --ttl")
-        }
-        ConsulError::Status { body, .. } if body.contains("Missing check") => format!(
-            "{e}; check the --check IDs, or pass --no-node-check if the node has no serfHealth"
-        ),
-        ConsulError::Status { body, .. } if body.contains("critical") => format!(
-            "{e}; Consul binds no failing check to a session: make the check pass, or leave it out \
-             (--check, --no-node-check)"
-        ),
-        _ => e.to_string(),
-    }
 }
 
 /// What a session's end means for the leader.

@@ -15,7 +15,7 @@ use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep, sleep_until};
 use tracing::{debug, info, warn};
 
-use super::{ContendEnd, Renewal, SessionEnd, Verdict};
+use super::{AbortOnDrop, ContendEnd, OpenError, Protocol, Renewal, SessionEnd, Verdict};
 use crate::clock::BootTime;
 use crate::config::RunConfig;
 use crate::consul::{Client, ConsulError, ConsulIndex, ReadOpts, SessionId, SessionRequest};
@@ -28,21 +28,6 @@ const MAX_RENEWS_IN_FLIGHT: usize = 5;
 
 /// The longest a contender blocks in one read.
 const MAX_BLOCK: Duration = Duration::from_secs(300);
-
-/// Aborts a task when dropped, so that nothing of a term outlives it.
-pub struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl AbortOnDrop {
-    pub fn spawn(task: impl std::future::Future<Output = ()> + Send + 'static) -> Self {
-        Self(tokio::spawn(task))
-    }
-}
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
 
 /// One session's life.
 pub struct Term {
@@ -57,14 +42,18 @@ pub struct Term {
     free_watch: FreeWatch,
 }
 
-impl Term {
-    /// The renewer's reports.
-    pub fn renewals(&self) -> watch::Receiver<Renewal> {
+impl super::Term for Term {
+    fn id(&self) -> String {
+        self.session.0.clone()
+    }
+
+    fn renewals(&self) -> watch::Receiver<Renewal> {
         self.renewals.clone()
     }
 }
 
 /// The lock won.
+#[derive(Debug, Clone)]
 pub struct Won {
     /// What we wrote into the key; a release writes it back (marked clean when earned).
     pub value: HolderValue,
@@ -74,6 +63,16 @@ pub struct Won {
     pub index: ConsulIndex,
     /// Until when the child must wait for earlier holders (`None`: it may start at once).
     pub owed_until: Option<BootTime>,
+}
+
+impl super::Won for Won {
+    fn fencing_token(&self) -> u64 {
+        self.fencing_token
+    }
+
+    fn owed_until(&self) -> Option<BootTime> {
+        self.owed_until
+    }
 }
 
 pub struct ConsulMutex {
@@ -100,12 +99,87 @@ impl ConsulMutex {
         )
     }
 
-    /// One attempt to create a session; on success the term's renewer runs. Not cancel-safe
-    /// (a session created by a dropped attempt would be left to expire): the caller finishes an
-    /// attempt it started, which takes at most the client's short timeout.
-    pub async fn open(&self) -> Result<Term, ConsulError> {
+    /// Releases the key, writing `value` back, marked clean when `clean` (election's module
+    /// docs, 5). Called only once no child of ours is running.
+    async fn release_value(&self, term: &Term, value: &HolderValue, clean: bool) {
+        let body = if clean {
+            value.released_clean()
+        } else {
+            value.clone()
+        }
+        .to_bytes();
+        for attempt in 0..5 {
+            match self
+                .client
+                .kv_release(&self.cfg.key, &term.session, LOCK_FLAG_VALUE, body.clone())
+                .await
+            {
+                Ok(true) => {
+                    if clean {
+                        info!("released the lock on {}", self.cfg.key);
+                    } else {
+                        info!(
+                            "released the lock on {}, not marked clean: the wait for earlier holders had not passed",
+                            self.cfg.key
+                        );
+                    }
+                    return;
+                }
+                // Not ours (never acquired, or already lost): nothing to release.
+                Ok(false) => return,
+                Err(e) if e.is_transient() && attempt < 4 => {
+                    debug!("release failed: {e}; retrying");
+                    sleep(election::backoff(
+                        attempt,
+                        Duration::from_millis(200),
+                        Duration::from_secs(2),
+                    ))
+                    .await;
+                }
+                Err(e) => {
+                    warn!(
+                        "cannot release the lock on {}: {e}; destroying the session releases it",
+                        self.cfg.key
+                    );
+                    return;
+                }
+            }
+        }
+    }
+
+    /// How long to pause after an acquire refused by lock-delay: until the delay probably ends,
+    /// then briskly, with jitter so that contenders do not knock in lockstep.
+    fn lock_delay_pause(&self, term: &Term, attempt: u32) -> Duration {
+        let now = BootTime::now();
+        let brisk = election::backoff(
+            attempt,
+            Duration::from_millis(25),
+            Duration::from_millis(250),
+        );
+        match term.free_watch.lock_delay_ends(self.cfg.lock_delay) {
+            Some(end) if end > now + brisk => end.saturating_duration_since(now) + brisk / 2,
+            _ => brisk,
+        }
+    }
+}
+
+impl Protocol for ConsulMutex {
+    type Term = Term;
+    type Won = Won;
+
+    /// One attempt to create a session; on success the term's renewer runs. An attempt takes
+    /// at most the client's short timeout.
+    async fn open(&self) -> Result<Term, OpenError> {
         let sent = BootTime::now();
-        let session = self.client.session_create(&self.session_request()).await?;
+        let session = self
+            .client
+            .session_create(&self.session_request())
+            .await
+            .map_err(|e| OpenError {
+                message: format!("cannot create a Consul session: {}", session_hint(&e)),
+                transient: e.is_transient(),
+                unreachable: matches!(e, ConsulError::Unreachable { .. } | ConsulError::Tls { .. }),
+            })?;
         debug!("created session {session}");
         let (tx, rx) = watch::channel(Renewal {
             last_ok_sent: sent,
@@ -128,7 +202,7 @@ impl ConsulMutex {
     }
 
     /// Ends a term: destroys its session (trying up to `attempts` times).
-    pub async fn close(&self, term: Term, attempts: u32) {
+    async fn close(&self, term: Term, attempts: u32) {
         let session = term.session.clone();
         drop(term); // stops the renewer first
         for attempt in 0..attempts {
@@ -159,11 +233,7 @@ impl ConsulMutex {
     /// Contends for the key until we hold it, the wait runs out, the session ends, or something
     /// definitive happens. Cancel-safe: an acquire cut short is remembered in the term, and
     /// [`ConsulMutex::abandon`] lets go of it.
-    pub async fn contend(
-        &self,
-        term: &mut Term,
-        deadline: Option<Instant>,
-    ) -> Result<Won, ContendEnd> {
+    async fn contend(&self, term: &mut Term, deadline: Option<Instant>) -> Result<Won, ContendEnd> {
         let cfg = &self.cfg;
         let client = &self.client;
         let timing = cfg.timing();
@@ -313,23 +383,8 @@ impl ConsulMutex {
         }
     }
 
-    /// How long to pause after an acquire refused by lock-delay: until the delay probably ends,
-    /// then briskly, with jitter so that contenders do not knock in lockstep.
-    fn lock_delay_pause(&self, term: &Term, attempt: u32) -> Duration {
-        let now = BootTime::now();
-        let brisk = election::backoff(
-            attempt,
-            Duration::from_millis(25),
-            Duration::from_millis(250),
-        );
-        match term.free_watch.lock_delay_ends(self.cfg.lock_delay) {
-            Some(end) if end > now + brisk => end.saturating_duration_since(now) + brisk / 2,
-            _ => brisk,
-        }
-    }
-
     /// Starts watching the key we won: the receiver gets the first sign that it is no longer ours.
-    pub fn watch(&self, term: &Term, won: &Won) -> (AbortOnDrop, mpsc::Receiver<Verdict>) {
+    fn watch(&self, term: &Term, won: &Won) -> (AbortOnDrop, mpsc::Receiver<Verdict>) {
         let (tx, rx) = mpsc::channel(1);
         let task = tokio::spawn(watch_key(
             self.client.clone(),
@@ -342,64 +397,36 @@ impl ConsulMutex {
         (AbortOnDrop(task), rx)
     }
 
-    /// Releases the key, writing `value` back, marked clean when `clean` (election's module
-    /// docs, 5). Called only once no child of ours is running.
-    pub async fn release(&self, term: &Term, value: &HolderValue, clean: bool) {
-        let body = if clean {
-            value.released_clean()
-        } else {
-            value.clone()
-        }
-        .to_bytes();
-        for attempt in 0..5 {
-            match self
-                .client
-                .kv_release(&self.cfg.key, &term.session, LOCK_FLAG_VALUE, body.clone())
-                .await
-            {
-                Ok(true) => {
-                    if clean {
-                        info!("released the lock on {}", self.cfg.key);
-                    } else {
-                        info!(
-                            "released the lock on {}, not marked clean: the wait for earlier holders had not passed",
-                            self.cfg.key
-                        );
-                    }
-                    return;
-                }
-                // Not ours (never acquired, or already lost): nothing to release.
-                Ok(false) => return,
-                Err(e) if e.is_transient() && attempt < 4 => {
-                    debug!("release failed: {e}; retrying");
-                    sleep(election::backoff(
-                        attempt,
-                        Duration::from_millis(200),
-                        Duration::from_secs(2),
-                    ))
-                    .await;
-                }
-                Err(e) => {
-                    warn!(
-                        "cannot release the lock on {}: {e}; destroying the session releases it",
-                        self.cfg.key
-                    );
-                    return;
-                }
-            }
-        }
+    async fn release(&self, term: &Term, won: &Won, clean: bool) {
+        self.release_value(term, &won.value, clean).await;
     }
-
     /// After a contention was cut short (a stop signal, a definitive error): if an acquire may
     /// have gone through, let go of the key, marked clean only when no wait was owed any more.
-    pub async fn abandon(&self, term: &mut Term) {
+    async fn abandon(&self, term: &mut Term) {
         if let Some(value) = term.in_flight.take() {
             let clean = election::may_mark_clean(
                 term.free_watch.owed_until(BootTime::now()),
                 BootTime::now(),
             );
-            self.release(term, &value, clean).await;
+            self.release_value(term, &value, clean).await;
         }
+    }
+}
+
+/// What to add to a failed session create so that the operator knows what to change.
+fn session_hint(e: &ConsulError) -> String {
+    match e {
+        ConsulError::Status { body, .. } if body.contains("Session TTL") => {
+            format!("{e}; the agent's session_ttl_min is larger than --ttl, raise --ttl")
+        }
+        ConsulError::Status { body, .. } if body.contains("Missing check") => format!(
+            "{e}; check the --check IDs, or pass --no-node-check if the node has no serfHealth"
+        ),
+        ConsulError::Status { body, .. } if body.contains("critical") => format!(
+            "{e}; Consul binds no failing check to a session: make the check pass, or leave it out \
+             (--check, --no-node-check)"
+        ),
+        _ => e.to_string(),
     }
 }
 

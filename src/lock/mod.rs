@@ -6,11 +6,92 @@
 //! `close`). While a term is open, a background task renews the session and publishes each
 //! success as a [`Renewal`], from which `election::Fence` derives the leader's deadlines.
 //!
-//! Today there is one protocol, Consul's mutex in the layout of Go's `api.Lock` ([`consul`]).
+//! [`Protocol`] is the seam: `app` is generic over it, and each protocol lives in its own module
+//! with its pure rules in `election` (or beside it), unit-tested. Today there is one protocol,
+//! Consul's mutex in the layout of Go's `api.Lock` ([`consul`]).
 
 pub mod consul;
 
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
 use crate::clock::BootTime;
+
+/// One engine's way to win, hold and leave a lock. Every method but [`Protocol::open`] is
+/// cancel-safe where `app` races it against signals.
+pub trait Protocol {
+    type Term: Term;
+    type Won: Won;
+
+    /// One attempt to open a term (create a session, grant a lease) and start renewing it. Not
+    /// cancel-safe: a dropped attempt could leave a session to expire, so `app` finishes it.
+    async fn open(&self) -> Result<Self::Term, OpenError>;
+
+    /// Ends a term (destroys its session), trying up to `attempts` times.
+    async fn close(&self, term: Self::Term, attempts: u32);
+
+    /// Contends until the lock is ours, `deadline` passes, the session ends, or something
+    /// definitive happens. An acquire cut short is remembered for [`Protocol::abandon`].
+    async fn contend(
+        &self,
+        term: &mut Self::Term,
+        deadline: Option<Instant>,
+    ) -> Result<Self::Won, ContendEnd>;
+
+    /// Watches the lock won: the receiver gets the first sign that it is no longer ours.
+    fn watch(&self, term: &Self::Term, won: &Self::Won) -> (AbortOnDrop, mpsc::Receiver<Verdict>);
+
+    /// Releases the lock, marked clean when `clean` (`election::may_mark_clean`). Called only
+    /// once no child of ours is running.
+    async fn release(&self, term: &Self::Term, won: &Self::Won, clean: bool);
+
+    /// After a contention was cut short: lets go of a lock an acquire may have taken.
+    async fn abandon(&self, term: &mut Self::Term);
+}
+
+/// An open term.
+pub trait Term {
+    /// The session (or lease) id, for logs and the child's environment.
+    fn id(&self) -> String;
+    /// The renewer's reports.
+    fn renewals(&self) -> watch::Receiver<Renewal>;
+}
+
+/// A lock won.
+pub trait Won {
+    /// The child's `CONSUL_LEADER_FENCING_TOKEN`: a cluster-wide index that grows with every
+    /// holder.
+    fn fencing_token(&self) -> u64;
+    /// Until when the child must wait for earlier holders (`None`: it may start at once).
+    fn owed_until(&self) -> Option<BootTime>;
+}
+
+/// Why a term could not be opened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenError {
+    /// What failed and what to do, for the operator.
+    pub message: String,
+    /// Worth retrying: the engine may answer differently in a moment.
+    pub transient: bool,
+    /// The engine could not be reached at all (connection refused, TLS failed): on the very
+    /// first attempt, most likely a wrong address or certificate, reported at once.
+    pub unreachable: bool,
+}
+
+/// Aborts a task when dropped, so that nothing of a term outlives it.
+pub struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl AbortOnDrop {
+    pub fn spawn(task: impl std::future::Future<Output = ()> + Send + 'static) -> Self {
+        Self(tokio::spawn(task))
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
 
 /// What a term's renewer publishes: the send time of the last successful renew and, once it
 /// happened, how the session ended.
