@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 
-use crate::cli::{ConsulArgs, LogFormat, OnLost, RunArgs};
+use crate::cli::{ConsulArgs, LogFormat, OnLost, RestartPolicy, RunArgs};
 use crate::election::Timing;
 
 /// A usage or configuration error: one line that says what to fix. Exit code 2.
@@ -281,6 +281,27 @@ pub struct RunConfig {
     pub consul: ConsulConfig,
     pub command: Vec<String>,
     pub host: String,
+    /// This contender's stable identity (`--id`, default the host name).
+    pub id: String,
+    /// `--priority-window`; zero when priority is off.
+    pub priority_window: Duration,
+    pub restart: Restart,
+    /// Signals forwarded to the command's group.
+    pub forward_signals: Vec<Signal>,
+    /// Signals that stop the wrapper: TERM, INT, and HUP and QUIT unless forwarded.
+    pub stop_signals: Vec<Signal>,
+}
+
+/// The restart policy while the lock is held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Restart {
+    pub policy: RestartPolicy,
+    /// The first pause; it doubles with each restart in a row, up to `max_delay`.
+    pub delay: Duration,
+    pub max_delay: Duration,
+    /// At most `limit` starts within `period`.
+    pub limit: u32,
+    pub period: Duration,
 }
 
 /// Consul refuses a session TTL above this.
@@ -386,6 +407,22 @@ impl RunConfig {
             .ok()
             .and_then(|h| h.into_string().ok())
             .unwrap_or_else(|| "unknown-host".to_string());
+        let id = match &args.id {
+            Some(id) => validate_id(id)?,
+            None => host.clone(),
+        };
+        at_most("--priority-window", args.priority_window, MAX_TTL, "")?;
+        let restart = parse_restart(args)?;
+        let forward_signals = parse_forward_signals(&args.forward_signals, stop_signal)?;
+        let stop_signals = [
+            Signal::SIGTERM,
+            Signal::SIGINT,
+            Signal::SIGHUP,
+            Signal::SIGQUIT,
+        ]
+        .into_iter()
+        .filter(|s| !forward_signals.contains(s))
+        .collect();
         let session_name = args
             .name
             .clone()
@@ -411,6 +448,11 @@ impl RunConfig {
             consul,
             command: args.command.clone(),
             host,
+            id,
+            priority_window: args.priority_window,
+            restart,
+            forward_signals,
+            stop_signals,
         })
     }
 }
@@ -454,19 +496,113 @@ pub fn validate_key(key: &str) -> Result<String, ConfigError> {
     Ok(key.to_string())
 }
 
+/// An `--id`: printable, short, so that it reads well in the key's value and in `status`.
+fn validate_id(id: &str) -> Result<String, ConfigError> {
+    if id.trim().is_empty() || id.trim() != id || id.chars().any(char::is_control) {
+        return Err(bad(format!(
+            "--id {id:?} must be printable, without leading or trailing whitespace; use a name such as web-2"
+        )));
+    }
+    if id.len() > 128 {
+        return Err(bad("--id is longer than 128 bytes; use a shorter name"));
+    }
+    Ok(id.to_string())
+}
+
+/// `--restart`, `--restart-delay` and `--restart-limit N/PERIOD`.
+fn parse_restart(args: &RunArgs) -> Result<Restart, ConfigError> {
+    at_most("--restart-delay", args.restart_delay, MAX_TTL, "")?;
+    let limit_err = || {
+        bad(format!(
+            "--restart-limit {} is not N/PERIOD; use e.g. 5/10m (at most 5 starts within 10 minutes)",
+            args.restart_limit
+        ))
+    };
+    let (n, period) = args.restart_limit.split_once('/').ok_or_else(limit_err)?;
+    let limit: u32 = n.trim().parse().map_err(|_| limit_err())?;
+    let period = humantime::parse_duration(period.trim()).map_err(|_| limit_err())?;
+    if limit == 0 || period.is_zero() {
+        return Err(bad(format!(
+            "--restart-limit {} allows no start; use at least 1 start in a period above 0, e.g. 5/10m",
+            args.restart_limit
+        )));
+    }
+    at_most(
+        "--restart-limit's period",
+        period,
+        Duration::from_secs(7 * 24 * 3600),
+        "",
+    )?;
+    Ok(Restart {
+        policy: args.restart,
+        delay: args.restart_delay,
+        max_delay: args.restart_delay.max(Duration::from_secs(60)),
+        limit,
+        period,
+    })
+}
+
+/// `--forward-signals`: names or numbers, comma separated, from the signals a wrapper can pass
+/// on without losing its own way to be stopped.
+fn parse_forward_signals(list: &str, stop_signal: Signal) -> Result<Vec<Signal>, ConfigError> {
+    const FORWARDABLE: [Signal; 6] = [
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+        Signal::SIGUSR1,
+        Signal::SIGUSR2,
+        Signal::SIGWINCH,
+        Signal::SIGALRM,
+    ];
+    let mut out = Vec::new();
+    for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        let sig = signal_by_name(name).ok_or_else(|| {
+            bad(format!(
+                "--forward-signals: {name} is not a signal name; use HUP, QUIT, USR1, USR2, WINCH or ALRM"
+            ))
+        })?;
+        if sig == Signal::SIGTERM || sig == Signal::SIGINT {
+            return Err(bad(format!(
+                "--forward-signals cannot take {}: TERM and INT always stop the command and the wrapper",
+                sig.as_str()
+            )));
+        }
+        if !FORWARDABLE.contains(&sig) {
+            return Err(bad(format!(
+                "--forward-signals cannot take {}; use HUP, QUIT, USR1, USR2, WINCH or ALRM",
+                sig.as_str()
+            )));
+        }
+        if sig == stop_signal {
+            return Err(bad(format!(
+                "{} is both the --stop-signal and in --forward-signals; a forwarded signal would stop \
+                 the command behind the wrapper's back: remove it from --forward-signals",
+                sig.as_str()
+            )));
+        }
+        if !out.contains(&sig) {
+            out.push(sig);
+        }
+    }
+    Ok(out)
+}
+
+/// A signal by name (`TERM`, `SIGTERM`, `term`) or number.
+fn signal_by_name(s: &str) -> Option<Signal> {
+    let upper = s.trim().to_ascii_uppercase();
+    if let Ok(n) = upper.parse::<i32>() {
+        return Signal::try_from(n).ok();
+    }
+    let name = if upper.starts_with("SIG") {
+        upper
+    } else {
+        format!("SIG{upper}")
+    };
+    Signal::from_str(&name).ok()
+}
+
 /// Accepts `TERM`, `SIGTERM`, `term` or a number.
 pub fn parse_signal(s: &str) -> Result<Signal, ConfigError> {
-    let upper = s.trim().to_ascii_uppercase();
-    let parsed = if let Ok(n) = upper.parse::<i32>() {
-        Signal::try_from(n).ok()
-    } else {
-        let name = if upper.starts_with("SIG") {
-            upper.clone()
-        } else {
-            format!("SIG{upper}")
-        };
-        Signal::from_str(&name).ok()
-    };
+    let parsed = signal_by_name(s);
     match parsed {
         Some(Signal::SIGKILL) | Some(Signal::SIGSTOP) => Err(bad(format!(
             "--stop-signal {s} cannot be caught, so the command could not stop cleanly; use TERM, INT, HUP or QUIT"
@@ -592,6 +728,56 @@ mod tests {
         // The key is shown escaped, so an invisible character can be seen.
         let e = validate_key("jobs/report\r").unwrap_err();
         assert!(e.0.contains(r#""jobs/report\r""#), "{e}");
+    }
+
+    #[test]
+    fn forwarded_signals_stop_nothing_and_stay_forwardable() {
+        let c = run_args(&[]).unwrap();
+        assert_eq!(
+            c.forward_signals,
+            [Signal::SIGUSR1, Signal::SIGUSR2, Signal::SIGWINCH]
+        );
+        assert_eq!(
+            c.stop_signals,
+            [
+                Signal::SIGTERM,
+                Signal::SIGINT,
+                Signal::SIGHUP,
+                Signal::SIGQUIT
+            ]
+        );
+        let c = run_args(&["--forward-signals", "hup,USR1"]).unwrap();
+        assert_eq!(c.forward_signals, [Signal::SIGHUP, Signal::SIGUSR1]);
+        assert!(!c.stop_signals.contains(&Signal::SIGHUP));
+        for bad in ["TERM", "INT", "KILL", "CHLD", "nope"] {
+            assert!(run_args(&["--forward-signals", bad]).is_err(), "{bad}");
+        }
+        let e = run_args(&["--stop-signal", "USR1"]).unwrap_err();
+        assert!(e.0.contains("--forward-signals"), "{e}");
+        assert!(run_args(&["--stop-signal", "USR1", "--forward-signals", "USR2"]).is_ok());
+    }
+
+    #[test]
+    fn restart_limits_parse() {
+        let c = run_args(&["--restart", "on-failure", "--restart-limit", "3/1m"]).unwrap();
+        assert_eq!(c.restart.policy, RestartPolicy::OnFailure);
+        assert_eq!(
+            (c.restart.limit, c.restart.period),
+            (3, Duration::from_secs(60))
+        );
+        assert_eq!(c.restart.max_delay, Duration::from_secs(60));
+        for bad in ["5", "0/10m", "x/10m", "5/0s", "5/ten"] {
+            assert!(run_args(&["--restart-limit", bad]).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn ids_default_to_the_host_and_are_checked() {
+        let c = run_args(&[]).unwrap();
+        assert_eq!(c.id, c.host);
+        assert_eq!(run_args(&["--id", "web-2"]).unwrap().id, "web-2");
+        assert!(run_args(&["--id", " web"]).is_err());
+        assert!(run_args(&["--id", "a\rb"]).is_err());
     }
 
     #[test]

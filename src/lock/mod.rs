@@ -16,6 +16,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use crate::clock::BootTime;
+use crate::election::PreviousTerm;
 
 /// One engine's way to win, hold and leave a lock. Every method but [`Protocol::open`] is
 /// cancel-safe where `app` races it against signals.
@@ -47,6 +48,12 @@ pub trait Protocol {
 
     /// After a contention was cut short: lets go of a lock an acquire may have taken.
     async fn abandon(&self, term: &mut Self::Term);
+
+    /// Remembers this process's previous term after a loss, for the next contention
+    /// (`election::PreviousTerm`). Protocols that cannot use it ignore it.
+    fn remember(&mut self, previous: PreviousTerm) {
+        let _ = previous;
+    }
 }
 
 /// An open term.
