@@ -210,6 +210,16 @@ async fn run(cfg: RunConfig) -> Outcome {
 
 impl<P: Protocol> Leader<P> {
     async fn run(&mut self) -> Outcome {
+        // Try-once (cron): one read answers "busy" without writing a session.
+        if self.cfg.wait == Some(Duration::ZERO) {
+            if let Some(why) = self.lock.busy().await {
+                info!(
+                    "not leader of {}: {why}; exiting with {}",
+                    self.cfg.key, self.cfg.busy_exit_code
+                );
+                return Outcome::Code(self.cfg.busy_exit_code);
+            }
+        }
         let mut first_term = true;
         loop {
             if let Some(sig) = self.signals.pending_stop() {

@@ -240,6 +240,11 @@ impl Client {
         if let Some(socket) = &cfg.unix_socket {
             builder = builder.unix_socket(socket.clone());
         }
+        if !cfg.base_url.starts_with("https://") {
+            // Plain HTTP (or a unix socket) never verifies a certificate: trust no roots, so that
+            // the system's CA store (a hundred files or more) is neither read nor kept in memory.
+            return Ok(builder.tls_certs_only(Vec::new()));
+        }
         if !cfg.tls.ca_pems.is_empty() {
             // Like Consul's client: a configured CA replaces the system's roots.
             let mut certs = Vec::new();

@@ -446,6 +446,30 @@ impl Protocol for ConsulMutex {
     }
     /// After a contention was cut short (a stop signal, a definitive error): if an acquire may
     /// have gone through, let go of the key, marked clean only when no wait was owed any more.
+    async fn busy(&self) -> Option<String> {
+        let (entry, _) = self
+            .client
+            .kv_get(&self.cfg.key, ReadOpts::default())
+            .await
+            .ok()?;
+        // No session of ours exists yet: any session in the key is another's.
+        let view = election::classify(entry.as_ref(), &SessionId(String::new()));
+        match view {
+            KeyView::Held { session, holder } => Some(format!(
+                "held by {}",
+                election::describe_holder(&session, holder.as_deref())
+            )),
+            KeyView::Free { .. } => {
+                let mut watch = FreeWatch::default();
+                watch.observe(&view, &self.cfg.timing(), None, BootTime::now());
+                watch
+                    .priority(&self.cfg.id, self.cfg.priority_window)
+                    .map(|(_, by)| format!("its previous holder {by} has priority"))
+            }
+            _ => None,
+        }
+    }
+
     fn remember(&mut self, previous: PreviousTerm) {
         self.previous = Some(previous);
     }
