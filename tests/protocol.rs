@@ -685,6 +685,8 @@ async fn agent_restart_losing_state_stops_the_leader_and_the_successor_waits() {
         .unwrap()
         .time_us;
     let (_, b_start) = wait_nth_start(&fx, 1, "B's child started");
+    // A exits once its child is gone: then every lifetime is complete.
+    let a_status = exit_of(&mut a);
     eprintln!(
         "agent down at 0, back {}, A's child got TERM {}, B's child started {}",
         secs(back as i64 - down as i64),
@@ -704,7 +706,7 @@ async fn agent_restart_losing_state_stops_the_leader_and_the_successor_waits() {
         "A's child got its stop signal {} after the agent was back",
         secs(term as i64 - back as i64)
     );
-    assert_exit_code(&mut a, 76);
+    assert_eq!(a_status.code(), Some(76), "{}", a.output_report());
     b.signal(Signal::SIGTERM);
     assert_died_by(&mut b, Signal::SIGTERM);
     fx.wait_none_left(DEADLINE);
@@ -745,6 +747,8 @@ async fn agent_restart_losing_state_with_a_different_acl_token_is_fatal_and_noth
         .spawn();
 
     let (_, c_start) = wait_nth_start(&fx, 1, "C's child started");
+    // A exits once its child is gone: then every lifetime is complete.
+    let a_status = exit_of(&mut a);
     let events = fx.events();
     let term = events
         .iter()
@@ -768,7 +772,7 @@ async fn agent_restart_losing_state_with_a_different_acl_token_is_fatal_and_noth
         "A's child got its stop signal {} after the agent was back; a 403 is definitive",
         secs(term as i64 - back as i64)
     );
-    assert_exit_code(&mut a, 125);
+    assert_eq!(a_status.code(), Some(125), "{}", a.output_report());
     assert_exit_code(&mut b, 125);
     assert!(
         b.stderr_text().contains("ACL not found"),
