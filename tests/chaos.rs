@@ -2228,12 +2228,12 @@ impl Chaos {
             SILENCE - UNCLEAN_EARLY
         );
         out += &format!(
-            "{:<16} {:>5}  {:>23}  {:>23}  {:>23}\n",
+            "{:<18} {:>5}  {:>23}  {:>23}  {:>23}\n",
             "kind",
             "count",
             "old end->new (med/max)",
             "fault->new (med/max)",
-            "key free->new (med/max)"
+            "key free/gone->new (med/max)"
         );
         let mut kinds: Vec<Kind> = s.handovers.iter().map(|h| h.kind).collect();
         kinds.sort();
@@ -2244,7 +2244,7 @@ impl Chaos {
             let fault = med_max(hs.iter().map(|h| h.since_fault_us).collect());
             let free = med_max(hs.iter().filter_map(|h| h.since_free_us).collect());
             out += &format!(
-                "{:<16} {:>5}  {gap:>23}  {fault:>23}  {free:>23}\n",
+                "{:<18} {:>5}  {gap:>23}  {fault:>23}  {free:>23}\n",
                 k.name(),
                 hs.len()
             );
