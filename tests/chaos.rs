@@ -1348,10 +1348,8 @@ impl Chaos {
                 self.contenders[w].proc.output_report()
             )
         });
-        let started = self.contenders[w]
-            .proc
-            .stderr_text()
-            .contains("started the command");
+        let started = log_lines(&self.contenders[w].proc.stderr_text())
+            .any(|(t, m)| t >= fault_us && m.contains("started the command"));
         self.check(!started, || {
             format!("wrapper #{winner} started its command though stopped during its silence")
         });
