@@ -27,7 +27,10 @@
 //! Children are configured at random per wrapper: some ignore SIGTERM (so stops need SIGKILL after
 //! the grace), some start grandchildren (one in the group that ignores TERM, one that calls
 //! `setsid`), and at most one wrapper at a time runs a child that exits with a code as soon as it
-//! is set up. Wrappers run with `--on-lost recontend`; a wrapper that ends (SIGKILL, SIGTERM, its
+//! is set up; half of those crash-loop: their wrapper restarts them (`--restart on-failure`) until
+//! its `--restart-limit` of 3 starts, then steps down with a clean release. Every wrapper has an
+//! `--id` of its own, and about a third leave a key freed by a fault to its previous holder for a
+//! `--priority-window` of 2s (longer than the lock-delay, within the silence). Wrappers run with `--on-lost recontend`; a wrapper that ends (SIGKILL, SIGTERM, its
 //! child ended) is replaced, so there are always N contenders.
 //!
 //! After every change of leader the checker asserts, from the fixture's journal, a [`DeathWatch`]
@@ -88,7 +91,8 @@
 //!   than s + 1.5s after the acquire. When the winner was blocked on the key as it was freed, it
 //!   saw the free at once, so its child must also start by s + 1.5s after the free: lock-delay and
 //!   silence overlap, not add up. (A black-holed leader that heals after the free may win and wait
-//!   out its own silence from then.) The whole change ends by (old session's latest end) + d + s +
+//!   out its own silence from then. The old leader itself, back in the race after stopping its own
+//!   child, owes no wait for it and may start as soon as it holds the key.) The whole change ends by (old session's latest end) + d + s +
 //!   3s. The key must be freed in time: after SIGKILL by fault + 2T + 1.5s (the agent expires a
 //!   session 2T after its last renew, which was before the fault); after a destroy or a failed
 //!   bound check within 1s of its answer; after a black-hole by max(fault + 2T, heal) + 1.5s
@@ -147,6 +151,12 @@ const SEED_ENV: &str = "CONSUL_LEADER_CHAOS_SEED";
 const ROUNDS_ENV: &str = "CONSUL_LEADER_CHAOS_ROUNDS";
 /// Rounds of the short run: one deck, so each fault kind once; a minute or two.
 const SHORT_ROUNDS: usize = 14;
+/// A crash-looping child is started this many times (`--restart-limit N/1m`) before its wrapper
+/// steps down.
+const RESTART_LIMIT: usize = 3;
+/// The `--priority-window` of the wrappers that defer to a previous holder: longer than the
+/// lock-delay (so that it matters), within the silence (so that a real failover is no slower).
+const PRIORITY_WINDOW: Duration = Duration::from_secs(2);
 const LONG_ROUNDS_DEFAULT: usize = 200;
 
 const TTL: Duration = Duration::from_secs(3);
@@ -389,6 +399,12 @@ struct ChildConf {
     grandchildren: &'static str,
     /// `CL_CHILD_EXIT_CODE`: exits with this code as soon as it is set up.
     exit_code: Option<u8>,
+    /// With `exit_code`: the wrapper restarts it (`--restart on-failure`) until
+    /// `--restart-limit` [`RESTART_LIMIT`] starts, then steps down: a crash-looping child.
+    crash_loops: bool,
+    /// `--priority-window`: this wrapper leaves a key freed by a fault to its previous holder
+    /// for [`PRIORITY_WINDOW`].
+    defers: bool,
 }
 
 impl ChildConf {
@@ -406,6 +422,12 @@ impl ChildConf {
         }
         if let Some(c) = self.exit_code {
             parts.push(format!("exits with {c} at once"));
+        }
+        if self.crash_loops {
+            parts.push(format!("restarted until {RESTART_LIMIT} starts"));
+        }
+        if self.defers {
+            parts.push(format!("--priority-window {PRIORITY_WINDOW:?}"));
         }
         parts.join(", ")
     }
@@ -467,6 +489,8 @@ struct Stats {
     /// Processes that left the group of a SIGKILLed wrapper's child, killed by the test.
     escaped_killed: usize,
     wrappers: usize,
+    /// Unclean handovers the old leader won back itself (its priority, or the race).
+    returned: usize,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -794,10 +818,14 @@ impl Chaos {
         let flapper = !flapper_running && self.rng.random_bool(0.2);
         // Exit codes below the wrapper's own (75, 76, 125-127), so the pass-through is plain.
         let exit_code = flapper.then(|| self.rng.random_range(1..=70));
+        let crash_loops = flapper && self.rng.random_bool(0.5);
+        let defers = self.rng.random_bool(0.3);
         ChildConf {
             exits_on_term,
             grandchildren,
             exit_code,
+            crash_loops,
+            defers,
         }
     }
 
@@ -811,6 +839,8 @@ impl Chaos {
         let mut b = WrapperBuilder::new(&self.agent, &self.fx, &self.key, &timing())
             .flag("--on-lost", "recontend")
             .flag("--check", &check)
+            // Every wrapper its own identity: they all run on this one host.
+            .flag("--id", &format!("chaos-{id}"))
             .env("CONSUL_HTTP_ADDR", &proxy.addr().to_string())
             .env("CONSUL_LEADER_LOG", "consul_leader=debug");
         if !conf.exits_on_term {
@@ -821,6 +851,18 @@ impl Chaos {
         }
         if let Some(code) = conf.exit_code {
             b = b.env("CL_CHILD_EXIT_CODE", &code.to_string());
+        }
+        if conf.crash_loops {
+            b = b
+                .flag("--restart", "on-failure")
+                .flag("--restart-delay", "100ms")
+                .flag("--restart-limit", &format!("{RESTART_LIMIT}/1m"));
+        }
+        if conf.defers {
+            b = b.flag(
+                "--priority-window",
+                &format!("{}ms", PRIORITY_WINDOW.as_millis()),
+            );
         }
         let proc = b.spawn();
         self.stats.wrappers += 1;
@@ -1585,8 +1627,14 @@ impl Chaos {
             }
             if let Some(code) = conf.exit_code {
                 // This child exits as soon as it is set up: its wrapper releases cleanly and
-                // exits with the child's code.
+                // exits with the child's code (a crash-looping one after restarting it until
+                // its restart limit, holding the lock all along).
                 let st = self.wait_exit(owner, "its child exited");
+                let (child, nth) = if conf.crash_loops {
+                    self.check_crash_loop(owner, child, nth)
+                } else {
+                    (child, nth)
+                };
                 self.check(st.code() == Some(code as i32), || {
                     format!(
                         "wrapper #{owner} ended with {} after its child exited with {code}",
@@ -1624,6 +1672,48 @@ impl Chaos {
             }
             return self.establish(child, nth, owner, wrapper_pid, conf);
         }
+    }
+
+    /// A crash-looping child's wrapper has exited: it started the child [`RESTART_LIMIT`] times
+    /// in a row, each restart a clean handover to itself after the restart delay (no other
+    /// child in between, no overlap). Returns the last start.
+    fn check_crash_loop(&mut self, owner: usize, first: u32, nth: usize) -> (u32, usize) {
+        let starts = self.main_starts();
+        let events = self.events();
+        let mut prev = first;
+        for k in 1..RESTART_LIMIT {
+            let Some(next) = starts.get(nth + k) else {
+                self.fail(format!(
+                    "wrapper #{owner} stepped down after {k} starts of its crash-looping child; \
+                     its restart limit is {RESTART_LIMIT}"
+                ));
+            };
+            let by = self.owner_of(next.pid).map(|o| o.0);
+            self.check(by == Some(owner), || {
+                format!(
+                    "child {} started by {by:?} while wrapper #{owner} restarted its crash-looping child",
+                    next.pid
+                )
+            });
+            let end = self.end_of(&events, prev).unwrap_or(u64::MAX);
+            self.check(end <= next.time_us && next.time_us - end <= us(CLEAN_MAX), || {
+                format!(
+                    "restart of wrapper #{owner}'s child: child {} started {} after child {prev} \
+                     ended",
+                    next.pid,
+                    fmt_delta(next.time_us, end)
+                )
+            });
+            prev = next.pid;
+        }
+        let log = self.stderr_of(owner);
+        self.check(log.contains("stepping down"), || {
+            format!("wrapper #{owner} exited without saying it stepped down:\n{log}")
+        });
+        self.note(format!(
+            "wrapper #{owner} restarted its crash-looping child {RESTART_LIMIT} times, then stepped down"
+        ));
+        (prev, nth + RESTART_LIMIT - 1)
     }
 
     /// Checks the new leader's child against the key and its environment.
@@ -1762,14 +1852,23 @@ impl Chaos {
             let since_free = start_us - free.at_us;
             since_free_us = Some(since_free);
             // Every contender's silence counts from its own first sighting of the free key,
-            // which is no earlier than the free.
-            self.check(since_free + us(UNCLEAN_EARLY) >= us(SILENCE), || {
-                format!(
-                    "{what}: the new child started {} after the key was freed; the silence is \
+            // which is no earlier than the free. The one exception: the old leader itself,
+            // back in the race (`--on-lost recontend`) after stopping its own child, owes no
+            // wait for it (election's module docs, 7), and may start as soon as it holds the key.
+            let returned = winner == old.owner;
+            if returned {
+                self.stats.returned += 1;
+            }
+            self.check(
+                returned || since_free + us(UNCLEAN_EARLY) >= us(SILENCE),
+                || {
+                    format!(
+                        "{what}: the new child started {} after the key was freed; the silence is \
                      {SILENCE:?}",
-                    fmt_us(since_free)
-                )
-            });
+                        fmt_us(since_free)
+                    )
+                },
+            );
             // Lock-delay: the first acquire after it succeeds within the retry backoff's cap.
             let log = self.stderr_of(winner);
             let token_line = format!("acquired the lock on {} (fencing token", self.key);
@@ -2203,10 +2302,12 @@ impl Chaos {
         out += &format!("faults: {}\n", faults.join(", "));
         let clean = s.handovers.iter().filter(|h| h.kind.clean()).count();
         out += &format!(
-            "handovers: {} ({clean} clean, {} unclean); children stopped by SIGKILL after the \
-             grace: {stubborn}; escaped grandchildren of SIGKILLed wrappers killed by the test: {}\n",
+            "handovers: {} ({clean} clean, {} unclean, {} of those won back by the old leader); \
+             children stopped by SIGKILL after the grace: {stubborn}; escaped grandchildren of \
+             SIGKILLed wrappers killed by the test: {}\n",
             s.handovers.len(),
             s.handovers.len() - clean,
+            s.returned,
             s.escaped_killed
         );
         out += &format!(
