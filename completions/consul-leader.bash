@@ -215,7 +215,7 @@ _consul__leader() {
             return 0
             ;;
         consul__leader__subcmd__run)
-            opts="-q -v -h -V --key --ttl --lock-delay --silence --grace --stop-signal --wait --shell --check --no-node-check --on-lost --busy-exit-code --lost-exit-code --name --quiet --verbose --log-format --http-addr --token --token-file --datacenter --ca-file --ca-path --client-cert --client-key --tls-server-name --namespace --partition --help --version"
+            opts="-q -v -h -V --key --ttl --lock-delay --silence --grace --stop-signal --wait --shell --check --no-node-check --on-lost --busy-exit-code --lost-exit-code --id --priority-window --restart --restart-delay --restart-limit --forward-signals --name --quiet --verbose --log-format --http-addr --token --token-file --datacenter --ca-file --ca-path --client-cert --client-key --tls-server-name --namespace --partition --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -262,6 +262,30 @@ _consul__leader() {
                     return 0
                     ;;
                 --lost-exit-code)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --id)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --priority-window)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --restart)
+                    COMPREPLY=($(compgen -W "no on-failure always" -- "${cur}"))
+                    return 0
+                    ;;
+                --restart-delay)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --restart-limit)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --forward-signals)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -52,6 +52,14 @@ complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l on-l
 recontend\t'Stop the command and contend for the lock again'"
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l busy-exit-code -d 'Exit code when the lock was not won within --wait (change it when the command\'s own codes include 75)' -r
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l lost-exit-code -d 'Exit code when leadership was lost while the command ran (change it when the command\'s own codes include 76)' -r
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l id -d 'This contender\'s stable identity, written into the key\'s value; it survives a restart of the wrapper (default: the host name)' -r
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l priority-window -d 'After the last holder lost the lock to a fault (no clean release), other contenders wait this long, from when they first see the key free, before they try for it, so that the previous holder (same --id) gets it back first. 0 turns priority off' -r
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l restart -d 'Restart the command while holding the lock: no (its exit ends the term), on-failure (after a non-zero exit or a death by signal), always' -r -f -a "no\t'The command\'s exit ends the term: release the lock, exit with its code'
+on-failure\t'Restart after a non-zero exit or a death by signal'
+always\t'Restart after any exit'"
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l restart-delay -d 'First pause before a restart; it doubles with each restart in a row, up to 1 minute (or this value, if larger)' -r
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l restart-limit -d 'At most N starts of the command within PERIOD (e.g. 5/10m); past it, step down: stop, release the lock clean so another host can take over, and exit with the command\'s last exit code' -r
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l forward-signals -d 'Signals forwarded to the command\'s process group instead of being acted on, comma separated: any of HUP, QUIT, USR1, USR2, WINCH, ALRM. TERM and INT always stop the command; HUP and QUIT do unless forwarded' -r
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l name -d 'Session name shown in Consul (default: consul-leader <key> on <host> pid <pid>)' -r
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l log-format -d 'Log line format on stderr' -r -f -a "text\t''
 json\t''"

@@ -1,10 +1,12 @@
-//! `consul-leader run`: the one place where leadership (Consul) and the child (supervisor) meet.
+//! `consul-leader run`: the one place where leadership (a lock protocol, `lock`) and the child
+//! (`supervisor`) meet.
 //!
-//! A *term* is one session's life: create the session, contend for the key, wait out the silence,
-//! run the child while leadership holds, stop the child group, release, destroy the session.
-//! "Became leader" starts the child, "lost" stops it, "child exited" releases. The rules that decide
-//! (classification, silence, fencing deadline, backoff) live in `election`; this module performs
-//! the I/O and keeps every await interruptible by the wrapper's signals.
+//! A *term* is one session's life: open it, contend for the key, wait out what is owed to
+//! earlier holders (the silence), run the child while leadership holds, stop the child group,
+//! release, close. "Became leader" starts the child, "lost" stops it, "child exited" releases.
+//! The rules that decide (the wait owed, the fence, the clean mark, backoff) live in `election`;
+//! the requests in `lock`; this module keeps every await interruptible by the wrapper's signals
+//! and hands every new fence to the supervisor, whose keeper enforces it.
 
 use std::cell::Cell;
 use std::process::ExitCode;
@@ -17,15 +19,16 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, sleep, sleep_until};
 use tracing::{debug, error, info, warn};
 
-use crate::cli::{OnLost, RunArgs};
+use crate::cli::{OnLost, RestartPolicy, RunArgs};
 use crate::clock::{self, BootTime};
 use crate::config::RunConfig;
-use crate::consul::{Client, ConsulError, ConsulIndex, ReadOpts, SessionId, SessionRequest};
-use crate::election::{self, Fence, FreeWatch, HolderValue, KeyView};
+use crate::consul::Client;
+use crate::election::{self, Fence, PreviousTerm};
 use crate::exit;
+use crate::lock::consul::ConsulMutex;
+use crate::lock::{AbortOnDrop, ContendEnd, Protocol, Renewal, SessionEnd, Term, Verdict, Won};
 use crate::notify;
-use crate::supervisor::{ChildExit, ChildSpec, Supervisor};
-use crate::wire::LOCK_FLAG_VALUE;
+use crate::supervisor::{self, ChildExit, ChildSpec, Supervisor};
 
 /// How the wrapper ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,15 +37,6 @@ enum Outcome {
     /// Stopped by this signal: after cleaning up, the wrapper dies by it too.
     Signal(Signal),
 }
-
-/// Signals that stop the wrapper (design §4); others are forwarded to the child's group.
-const STOP_SIGNALS: [Signal; 4] = [
-    Signal::SIGTERM,
-    Signal::SIGINT,
-    Signal::SIGHUP,
-    Signal::SIGQUIT,
-];
-const FORWARD_SIGNALS: [Signal; 3] = [Signal::SIGUSR1, Signal::SIGUSR2, Signal::SIGWINCH];
 
 pub fn main(args: Box<RunArgs>) -> ExitCode {
     let cfg = match RunConfig::from_args(&args) {
@@ -53,6 +47,12 @@ pub fn main(args: Box<RunArgs>) -> ExitCode {
         }
     };
     crate::logging::init(cfg.quiet, cfg.verbose, cfg.log_format);
+    // A command that cannot start is told now, before a session exists: with `--wait 0` from
+    // cron, finding it only after winning the lock would run the job on no host that slot.
+    if let Err(e) = supervisor::check_command(&cfg.command, cfg.shell) {
+        error!("{e}");
+        return ExitCode::from(e.exit_code());
+    }
     // A current-thread runtime on the main thread: the child is spawned from this thread, and its
     // PR_SET_PDEATHSIG fires when the spawning *thread* exits, so it must be one that lives as long
     // as the process.
@@ -67,9 +67,8 @@ pub fn main(args: Box<RunArgs>) -> ExitCode {
         }
     };
     // Every line of this run carries these fields in JSON logs (`pid`: the command's, once it
-    // runs). ERROR level, so that `-q` keeps
-    // them too. Entered around `block_on`: every task of the current-thread runtime, spawned ones
-    // included, runs inside it.
+    // runs). ERROR level, so that `-q` keeps them too. Entered around `block_on`: every task of
+    // the current-thread runtime, spawned ones included, runs inside it.
     let span = tracing::error_span!(
         "run",
         key = %cfg.key,
@@ -101,18 +100,22 @@ fn die_by(sig: Signal) -> ExitCode {
 /// The wrapper's signals: an async stream for the driver, plus a flag set inside the signal
 /// handler itself, so that a stop signal that arrived a moment before a spawn is seen even if the
 /// stream has not been polled yet.
+///
+/// Stop signals (TERM and INT, and HUP and QUIT unless forwarded: design §4) stop the wrapper;
+/// the `--forward-signals` go to the command's group.
 struct Signals {
     rx: mpsc::UnboundedReceiver<Signal>,
     stop_flag: Arc<AtomicUsize>,
+    stop: Vec<Signal>,
 }
 
 impl Signals {
-    fn install() -> std::io::Result<Self> {
+    fn install(stop: &[Signal], forward: &[Signal]) -> std::io::Result<Self> {
         use tokio::signal::unix::{SignalKind, signal};
         let stop_flag = Arc::new(AtomicUsize::new(0));
         let (tx, rx) = mpsc::unbounded_channel();
-        for sig in STOP_SIGNALS.iter().chain(FORWARD_SIGNALS.iter()).copied() {
-            if STOP_SIGNALS.contains(&sig) {
+        for sig in stop.iter().chain(forward.iter()).copied() {
+            if stop.contains(&sig) {
                 signal_hook::flag::register_usize(sig as i32, stop_flag.clone(), sig as usize)?;
             }
             let mut stream = signal(SignalKind::from_raw(sig as i32))?;
@@ -125,7 +128,15 @@ impl Signals {
                 }
             });
         }
-        Ok(Self { rx, stop_flag })
+        Ok(Self {
+            rx,
+            stop_flag,
+            stop: stop.to_vec(),
+        })
+    }
+
+    fn is_stop(&self, sig: Signal) -> bool {
+        self.stop.contains(&sig)
     }
 
     async fn recv(&mut self) -> Signal {
@@ -140,7 +151,7 @@ impl Signals {
     async fn next_stop(&mut self) -> Signal {
         loop {
             let sig = self.recv().await;
-            if STOP_SIGNALS.contains(&sig) {
+            if self.is_stop(sig) {
                 return sig;
             }
             debug!("ignoring {sig}: no command is running");
@@ -156,49 +167,28 @@ impl Signals {
     }
 }
 
-/// What the session keeper reports: the send time of the last successful renew, or that the
-/// session is gone.
-#[derive(Debug, Clone, Copy)]
-struct Renewal {
-    last_ok_sent: BootTime,
-    gone: bool,
-}
-
 /// How one term ended.
 enum TermEnd {
-    /// Exit the wrapper with this outcome after destroying the session.
+    /// Exit the wrapper with this outcome after closing the term.
     Done(Outcome),
-    /// Leadership was lost (the child, if any, is already stopped).
-    Lost(String),
-    /// The session disappeared before we won the lock: start a new one.
+    /// Leadership was lost (the child, if any, is already stopped); with what the term still
+    /// owed to earlier holders (`None`: nothing, e.g. because its child ran).
+    Lost(String, Option<BootTime>),
+    /// The session ended before we won the lock: open a new term.
     SessionGone,
 }
 
-/// Why a contention ended without the lock.
-enum ContendEnd {
-    Busy,
-    SessionGone,
-    Fatal(String),
-}
-
-struct Acquired {
-    /// What we wrote into the key: released (marked clean) with the same holder and time.
-    value: HolderValue,
-    fencing_token: u64,
-    index: ConsulIndex,
-    silence_until: Option<Instant>,
-}
-
-struct Leader {
+/// The driver: one lock protocol, the wrapper's signals, the supervisor.
+struct Leader<P: Protocol> {
     cfg: RunConfig,
-    client: Arc<Client>,
+    lock: P,
     signals: Signals,
     supervisor: Supervisor,
 }
 
 async fn run(cfg: RunConfig) -> Outcome {
     // Signals first: from here on, TERM/INT/HUP/QUIT are honoured at every moment.
-    let signals = match Signals::install() {
+    let signals = match Signals::install(&cfg.stop_signals, &cfg.forward_signals) {
         Ok(s) => s,
         Err(e) => {
             error!("cannot install signal handlers: {e}");
@@ -220,65 +210,70 @@ async fn run(cfg: RunConfig) -> Outcome {
         }
     };
     let mut leader = Leader {
+        lock: ConsulMutex::new(client, cfg.clone()),
         cfg,
-        client,
         signals,
         supervisor,
     };
     leader.run().await
 }
 
-impl Leader {
+impl<P: Protocol> Leader<P> {
     async fn run(&mut self) -> Outcome {
-        let mut first_session = true;
+        // Try-once (cron): one read answers "busy" without writing a session.
+        if self.cfg.wait == Some(Duration::ZERO) {
+            if let Some(why) = self.lock.busy().await {
+                info!(
+                    "not leader of {}: {why}; exiting with {}",
+                    self.cfg.key, self.cfg.busy_exit_code
+                );
+                return Outcome::Code(self.cfg.busy_exit_code);
+            }
+        }
+        let mut first_term = true;
         loop {
             if let Some(sig) = self.signals.pending_stop() {
                 return Outcome::Signal(sig);
             }
             let deadline = self.cfg.wait.map(|w| Instant::now() + w);
-            let (session, created_sent) = match self.create_session(first_session).await {
-                Ok(s) => s,
+            let mut term = match self.open_term(first_term, deadline).await {
+                Ok(t) => t,
                 Err(outcome) => return outcome,
             };
-            first_session = false;
-            tracing::Span::current().record("session", tracing::field::display(&session));
-            let (renew_tx, renew_rx) = watch::channel(Renewal {
-                last_ok_sent: created_sent,
-                gone: false,
-            });
-            let keeper = tokio::spawn(keep_session(
-                self.client.clone(),
-                session.clone(),
-                self.cfg.ttl,
-                renew_tx,
-            ));
-            let watchdog = notify::watchdog_interval().map(|every| {
-                tokio::spawn(ping_watchdog(
+            first_term = false;
+            tracing::Span::current().record("session", tracing::field::display(term.id()));
+            let _watchdog = notify::watchdog_interval().map(|every| {
+                AbortOnDrop::spawn(ping_watchdog(
                     every,
-                    renew_rx.clone(),
+                    term.renewals(),
                     self.cfg.ttl,
                     self.cfg.grace,
                 ))
             });
             notify::ready(&format!("contending for {}", self.cfg.key));
-            let end = self.term(&session, renew_rx, deadline).await;
-            keeper.abort();
-            if let Some(w) = watchdog {
-                w.abort();
-            }
+            let end = self.term(&mut term, deadline).await;
             match end {
                 TermEnd::Done(outcome) => {
                     notify::stopping("stopping");
-                    self.destroy_session(&session, 3).await;
+                    self.lock.close(term, 3).await;
                     return outcome;
                 }
                 TermEnd::SessionGone => {
-                    warn!("session {session} is gone (expired or destroyed); creating a new one");
+                    warn!(
+                        "session {} is gone (expired or destroyed); creating a new one",
+                        term.id()
+                    );
                 }
-                TermEnd::Lost(reason) => {
+                TermEnd::Lost(reason, owed_until) => {
+                    // This process confirmed its child gone: the next term need not wait for it
+                    // (election's module docs, 7).
+                    self.lock.remember(PreviousTerm {
+                        session: term.id(),
+                        owed_until,
+                    });
                     // The loss itself was logged where it was seen. One try: after a fence the
                     // agent is likely unreachable, and Consul expires the session anyway.
-                    self.destroy_session(&session, 1).await;
+                    self.lock.close(term, 1).await;
                     match self.cfg.on_lost {
                         OnLost::Exit => {
                             notify::stopping(&format!("lost leadership: {reason}"));
@@ -291,191 +286,214 @@ impl Leader {
         }
     }
 
-    /// Creates a session. The first attempt fails fast (a wrong address or token should be told at
-    /// once); later ones, after a loss, retry transient errors until a stop signal.
-    async fn create_session(&mut self, first: bool) -> Result<(SessionId, BootTime), Outcome> {
-        let mut checks = Vec::new();
-        if self.cfg.node_check {
-            checks.push("serfHealth".to_string());
-        }
-        checks.extend(self.cfg.checks.iter().cloned());
-        let req = SessionRequest::new(
-            self.cfg.session_name.clone(),
-            self.cfg.ttl,
-            self.cfg.lock_delay,
-            checks,
-        );
-        let mut attempt = 0;
+    /// Opens a term (creates a session). Transient errors (5xx, 429, time-outs) are retried with
+    /// backoff until the `--wait` deadline; an agent that cannot be reached at all on the very
+    /// first attempt is reported at once, since a wrong address or certificate is the usual
+    /// cause. A stop signal ends the wait; an attempt already sent is finished first, so that a
+    /// session it created is destroyed rather than left to expire.
+    async fn open_term(
+        &mut self,
+        first: bool,
+        deadline: Option<Instant>,
+    ) -> Result<P::Term, Outcome> {
+        let mut attempt = 0u32;
         loop {
-            let sent = BootTime::now();
+            let opening = self.lock.open();
+            tokio::pin!(opening);
             let result = tokio::select! {
-                r = self.client.session_create(&req) => r,
-                sig = self.signals.next_stop() => return Err(Outcome::Signal(sig)),
+                r = &mut opening => r,
+                sig = self.signals.next_stop() => {
+                    if let Ok(term) = opening.await {
+                        self.lock.close(term, 1).await;
+                    }
+                    return Err(Outcome::Signal(sig));
+                }
             };
-            match result {
-                Ok(id) => {
-                    debug!("created session {id}");
-                    return Ok((id, sent));
-                }
-                Err(e) if !first && e.is_transient() => {
-                    if attempt == 0 {
-                        warn!("cannot create a session yet: {e}; retrying");
-                    } else {
-                        debug!("cannot create a session yet: {e}; retrying");
-                    }
-                    let pause = election::backoff(
-                        attempt,
-                        Duration::from_millis(500),
-                        Duration::from_secs(5),
-                    );
-                    attempt += 1;
-                    tokio::select! {
-                        _ = sleep(pause) => {}
-                        sig = self.signals.next_stop() => return Err(Outcome::Signal(sig)),
-                    }
-                }
-                Err(e) => {
-                    error!("cannot create a Consul session: {}", session_hint(&e));
-                    return Err(Outcome::Code(exit::INTERNAL));
-                }
+            let e = match result {
+                Ok(term) => return Ok(term),
+                Err(e) => e,
+            };
+            let expired = deadline.is_some_and(|d| Instant::now() >= d);
+            if !e.transient || expired || (first && attempt == 0 && e.unreachable) {
+                error!("{}", e.message);
+                return Err(Outcome::Code(exit::INTERNAL));
             }
-        }
-    }
-
-    async fn destroy_session(&self, session: &SessionId, attempts: u32) {
-        for attempt in 0..attempts {
-            match self.client.session_destroy(session).await {
-                Ok(()) => {
-                    debug!("destroyed session {session}");
-                    return;
-                }
-                Err(e) if e.is_transient() && attempt + 1 < attempts => {
-                    sleep(election::backoff(
-                        attempt,
-                        Duration::from_millis(200),
-                        Duration::from_secs(1),
-                    ))
-                    .await;
-                }
-                Err(e) => {
-                    warn!(
-                        "cannot destroy session {session}: {e}; Consul will expire it after at most {}",
-                        humantime::format_duration(self.cfg.ttl * 2)
-                    );
-                    return;
-                }
+            if attempt == 0 {
+                warn!("{}; retrying", e.message);
+            } else {
+                debug!("{}; retrying", e.message);
+            }
+            let mut pause =
+                election::backoff(attempt, Duration::from_millis(500), Duration::from_secs(5));
+            if let Some(d) = deadline {
+                pause = pause.min(d.saturating_duration_since(Instant::now()));
+            }
+            attempt += 1;
+            tokio::select! {
+                _ = sleep(pause) => {}
+                sig = self.signals.next_stop() => return Err(Outcome::Signal(sig)),
             }
         }
     }
 
     /// One term with a live session: contend, then lead.
-    async fn term(
-        &mut self,
-        session: &SessionId,
-        mut renewals: watch::Receiver<Renewal>,
-        deadline: Option<Instant>,
-    ) -> TermEnd {
-        let mut free_watch = FreeWatch::default();
+    async fn term(&mut self, term: &mut P::Term, deadline: Option<Instant>) -> TermEnd {
+        let mut renewals = term.renewals();
         let contended = tokio::select! {
-            r = contend(&self.client, &self.cfg, session, deadline, &mut free_watch) => r,
-            _ = session_gone(&mut renewals) => Err(ContendEnd::SessionGone),
+            r = self.lock.contend(term, deadline) => r,
+            end = session_ended(&mut renewals) => Err(match end {
+                SessionEnd::Gone => ContendEnd::SessionGone,
+                SessionEnd::Fatal(msg) => ContendEnd::Fatal(format!("cannot renew the session: {msg}")),
+            }),
             sig = self.signals.next_stop() => {
-                // An acquire may have been in flight: let go of the key cleanly (no child ran).
-                self.release(session, &HolderValue::new(&self.cfg.host, session)).await;
+                // An acquire may have been in flight: let go of the key (no child ran).
+                self.lock.abandon(term).await;
                 return TermEnd::Done(Outcome::Signal(sig));
             }
         };
-        let acquired = match contended {
-            Ok(a) => a,
+        match contended {
+            Ok(won) => self.lead(term, won).await,
             Err(ContendEnd::Busy) => {
                 info!(
                     "not leader of {} within --wait; exiting with {}",
                     self.cfg.key, self.cfg.busy_exit_code
                 );
-                return TermEnd::Done(Outcome::Code(self.cfg.busy_exit_code));
+                TermEnd::Done(Outcome::Code(self.cfg.busy_exit_code))
             }
-            Err(ContendEnd::SessionGone) => return TermEnd::SessionGone,
+            Err(ContendEnd::SessionGone) => TermEnd::SessionGone,
             Err(ContendEnd::Fatal(msg)) => {
                 error!("{msg}");
-                self.release(session, &HolderValue::new(&self.cfg.host, session))
-                    .await;
-                return TermEnd::Done(Outcome::Code(exit::INTERNAL));
+                self.lock.abandon(term).await;
+                TermEnd::Done(Outcome::Code(exit::INTERNAL))
             }
-        };
-        self.lead(session, renewals, acquired).await
+        }
     }
 
-    /// Holds the lock: silence, child, and the stop sequence.
-    async fn lead(
-        &mut self,
-        session: &SessionId,
-        mut renewals: watch::Receiver<Renewal>,
-        acquired: Acquired,
-    ) -> TermEnd {
+    /// Holds the lock: the wait owed to earlier holders, the child, and the stop sequence.
+    async fn lead(&mut self, term: &mut P::Term, won: P::Won) -> TermEnd {
         let cfg = self.cfg.clone();
-        let value = acquired.value.clone();
-        tracing::Span::current().record("fencing_token", acquired.fencing_token);
+        tracing::Span::current().record("fencing_token", won.fencing_token());
         info!(
             "acquired the lock on {} (fencing token {})",
-            cfg.key, acquired.fencing_token
+            cfg.key,
+            won.fencing_token()
         );
-        let (lost_tx, mut lost_rx) = mpsc::channel::<String>(1);
-        let watcher = tokio::spawn(watch_key(
-            self.client.clone(),
-            cfg.key.clone(),
-            session.clone(),
-            acquired.index,
-            cfg.ttl * 2,
-            lost_tx,
-        ));
-        let _abort_watcher = AbortOnDrop(watcher);
+        let (_watcher, mut verdicts) = self.lock.watch(term, &won);
+        let mut renewals = term.renewals();
 
-        if let Some(until) = acquired.silence_until {
-            let left = until.saturating_duration_since(Instant::now());
+        if let Some(until) = won.owed_until() {
             info!(
-                "silence: the previous holder did not release cleanly; starting the command in {}",
-                humantime::format_duration(round_ms(left))
+                "silence: the previous holder's command may still run; starting the command in {}",
+                humantime::format_duration(round_ms(until.remaining()))
             );
             notify::status("leader, waiting out the silence before starting the command");
             loop {
                 tokio::select! {
-                    _ = sleep_until(until) => break,
-                    ended = lost(&mut lost_rx, &mut renewals, &cfg) => {
+                    () = clock::sleep_until(until) => break,
+                    ended = ended(&mut verdicts, &mut renewals, &cfg) => {
                         // A moved fence (Err) needs no action: no child runs yet.
-                        if let Ok(reason) = ended {
-                            error!("lost leadership on {} during the silence: {reason}", cfg.key);
-                            return TermEnd::Lost(reason);
+                        if let Ok(verdict) = ended {
+                            return self.end_without_child(term, &won, verdict).await;
                         }
                     }
                     sig = self.signals.next_stop() => {
-                        self.release(session, &value).await;
+                        // The wait has not passed: no clean mark (election's module docs, 5).
+                        let clean = election::may_mark_clean(Some(until), BootTime::now());
+                        self.lock.release(term, &won, clean).await;
                         return TermEnd::Done(Outcome::Signal(sig));
                     }
                 }
             }
         }
 
+        // From here on the wait owed to earlier holders has passed, so every release is clean.
+        let mut restarts = Restarts::new(self.cfg.restart);
+        loop {
+            let status = match self
+                .run_child(term, &won, &mut renewals, &mut verdicts)
+                .await
+            {
+                Ok(status) => status,
+                Err(end) => return end,
+            };
+            // The command exited on its own and its leftovers are gone.
+            let Some(delay) = restarts.after_exit(status) else {
+                self.lock.release(term, &won, true).await;
+                return TermEnd::Done(Outcome::Code(status.exit_code()));
+            };
+            if restarts.limit_reached() {
+                let r = self.cfg.restart;
+                warn!(
+                    "the command started {} times within {} (--restart-limit): stepping down so that another host can take over",
+                    r.limit,
+                    humantime::format_duration(r.period)
+                );
+                self.lock.release(term, &won, true).await;
+                return TermEnd::Done(Outcome::Code(status.exit_code()));
+            }
+            info!(
+                "restarting the command in {} (--restart {})",
+                humantime::format_duration(round_ms(delay)),
+                restarts.policy_name()
+            );
+            notify::status(&format!(
+                "leader, restarting the command in {}",
+                humantime::format_duration(round_ms(delay))
+            ));
+            let wake = Instant::now() + delay;
+            loop {
+                tokio::select! {
+                    () = sleep_until(wake) => break,
+                    ended = ended(&mut verdicts, &mut renewals, &cfg) => {
+                        // A moved fence needs no action: no child runs.
+                        if let Ok(verdict) = ended {
+                            return self.end_without_child(term, &won, verdict).await;
+                        }
+                    }
+                    sig = self.signals.next_stop() => {
+                        self.lock.release(term, &won, true).await;
+                        return TermEnd::Done(Outcome::Signal(sig));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs the command once, while leadership holds: `Ok(status)` when it exited on its own
+    /// (and everything it left is gone), `Err(end)` when the term ends (a loss, a stop signal;
+    /// the child is stopped and the release done).
+    async fn run_child(
+        &mut self,
+        term: &mut P::Term,
+        won: &P::Won,
+        renewals: &mut watch::Receiver<Renewal>,
+        verdicts: &mut mpsc::Receiver<Verdict>,
+    ) -> Result<ChildExit, TermEnd> {
+        let cfg = self.cfg.clone();
         // The last moment to honour a stop signal without starting anything.
         tokio::task::yield_now().await;
         if let Some(sig) = self.signals.pending_stop() {
-            self.release(session, &value).await;
-            return TermEnd::Done(Outcome::Signal(sig));
+            self.lock.release(term, won, true).await;
+            return Err(TermEnd::Done(Outcome::Signal(sig)));
         }
         // Nor may a child start when the session cannot be trusted any more.
-        let r = *renewals.borrow();
+        let r = renewals.borrow().clone();
         let fence = Fence::after_renew(r.last_ok_sent, cfg.ttl, cfg.grace);
-        if r.gone || fence.stop_at.has_passed() {
+        if let Some(end) = r.end {
+            return Err(self.end_without_child(term, won, verdict_of(end)).await);
+        }
+        if fence.stop_at.has_passed() {
             let reason = "the session could not be renewed before the command was to start";
             error!("lost leadership on {}: {reason}", cfg.key);
-            return TermEnd::Lost(reason.into());
+            return Err(TermEnd::Lost(reason.into(), None));
         }
-        let spec = self.child_spec(session, acquired.fencing_token);
+        let spec = self.child_spec(&term.id(), won.fencing_token());
         let pid = match self.supervisor.spawn(&spec, fence) {
             Ok(pid) => pid,
             Err(e) => {
                 error!("{e}");
-                self.release(session, &value).await;
-                return TermEnd::Done(Outcome::Code(e.exit_code()));
+                self.lock.release(term, won, true).await;
+                return Err(TermEnd::Done(Outcome::Code(e.exit_code())));
             }
         };
         tracing::Span::current().record("pid", pid);
@@ -488,19 +506,19 @@ impl Leader {
 
         enum Why {
             Exited(ChildExit),
-            Lost(String),
+            Ended(Verdict),
             Signal(Signal),
         }
         let why = loop {
             tokio::select! {
                 status = self.supervisor.wait() => break Why::Exited(status),
-                ended = lost(&mut lost_rx, &mut renewals, &cfg) => match ended {
-                    Ok(reason) => break Why::Lost(reason),
+                ended = ended(verdicts, renewals, &cfg) => match ended {
+                    Ok(verdict) => break Why::Ended(verdict),
                     // Each renew moves the fence: the supervisor's keeper enforces it too.
                     Err(fence) => self.supervisor.set_fence(fence),
                 },
                 sig = self.signals.recv() => {
-                    if STOP_SIGNALS.contains(&sig) {
+                    if self.signals.is_stop(sig) {
                         break Why::Signal(sig);
                     }
                     debug!("forwarding {sig} to the command");
@@ -511,14 +529,18 @@ impl Leader {
 
         let stop_signal = match &why {
             Why::Exited(status) => {
-                info!("the command {status}");
+                debug!("the command {status}; cleaning up what it left");
                 cfg.stop_signal
             }
-            Why::Lost(reason) => {
+            Why::Ended(Verdict::Lost(reason)) => {
                 error!(
                     "lost leadership on {}: {reason}; stopping the command",
                     cfg.key
                 );
+                cfg.stop_signal
+            }
+            Why::Ended(Verdict::Fatal(msg)) => {
+                error!("{msg}; stopping the command");
                 cfg.stop_signal
             }
             Why::Signal(sig) => {
@@ -539,7 +561,7 @@ impl Leader {
         let hurry = async {
             loop {
                 let sig = signals.recv().await;
-                if !STOP_SIGNALS.contains(&sig) {
+                if !signals.is_stop(sig) {
                     continue;
                 }
                 if requested.get().is_none() {
@@ -555,34 +577,65 @@ impl Leader {
             }
         };
         self.supervisor.stop(stop_signal, grace, hurry).await;
+        if let Why::Exited(status) = &why {
+            info!("the command {status}");
+        }
         info!("the command's process group is gone");
 
+        // Our own child ran and is gone, and it only started once the wait owed to earlier
+        // holders had passed: whatever ended the term, a release is clean.
         let by_signal = match why {
             Why::Signal(sig) => Some(sig),
             _ => requested.get(),
         };
-        match (why, by_signal) {
-            (Why::Lost(reason), None) => TermEnd::Lost(reason),
-            (Why::Lost(_), Some(sig)) => TermEnd::Done(Outcome::Signal(sig)),
+        Err(match (why, by_signal) {
+            (Why::Exited(status), None) => return Ok(status),
+            (Why::Ended(Verdict::Lost(reason)), None) => TermEnd::Lost(reason, None),
+            (Why::Ended(Verdict::Lost(_)), Some(sig)) => TermEnd::Done(Outcome::Signal(sig)),
+            (Why::Ended(Verdict::Fatal(_)), sig) => {
+                self.lock.release(term, won, true).await;
+                TermEnd::Done(sig.map_or(Outcome::Code(exit::INTERNAL), Outcome::Signal))
+            }
             (_, Some(sig)) => {
-                self.release(session, &value).await;
+                self.lock.release(term, won, true).await;
                 TermEnd::Done(Outcome::Signal(sig))
             }
-            (Why::Exited(status), None) => {
-                self.release(session, &value).await;
-                TermEnd::Done(Outcome::Code(status.exit_code()))
-            }
             (Why::Signal(_), None) => unreachable!("a signal stop always has its signal"),
+        })
+    }
+
+    /// Leadership ended before a child started: after a loss nothing is left to do (the key is
+    /// not ours); after a definitive error let go of the key, clean only if the wait passed.
+    async fn end_without_child(
+        &mut self,
+        term: &P::Term,
+        won: &P::Won,
+        verdict: Verdict,
+    ) -> TermEnd {
+        match verdict {
+            Verdict::Lost(reason) => {
+                error!(
+                    "lost leadership on {} while no command ran: {reason}",
+                    self.cfg.key
+                );
+                TermEnd::Lost(reason, won.owed_until())
+            }
+            Verdict::Fatal(msg) => {
+                error!("{msg}");
+                let clean = election::may_mark_clean(won.owed_until(), BootTime::now());
+                self.lock.release(term, won, clean).await;
+                TermEnd::Done(Outcome::Code(exit::INTERNAL))
+            }
         }
     }
 
-    fn child_spec(&self, session: &SessionId, fencing_token: u64) -> ChildSpec {
+    fn child_spec(&self, session: &str, fencing_token: u64) -> ChildSpec {
         ChildSpec {
             argv: self.cfg.command.clone(),
             shell: self.cfg.shell,
             env_set: vec![
                 ("CONSUL_LEADER_KEY".into(), self.cfg.key.clone()),
-                ("CONSUL_LEADER_SESSION".into(), session.0.clone()),
+                ("CONSUL_LEADER_SESSION".into(), session.to_string()),
                 (
                     "CONSUL_LEADER_FENCING_TOKEN".into(),
                     fencing_token.to_string(),
@@ -601,117 +654,141 @@ impl Leader {
             .collect(),
         }
     }
-
-    /// Releases the key, marked clean: called only once no child of ours is running.
-    async fn release(&self, session: &SessionId, value: &HolderValue) {
-        let body = value.released_clean().to_bytes();
-        for attempt in 0..5 {
-            match self
-                .client
-                .kv_release(&self.cfg.key, session, LOCK_FLAG_VALUE, body.clone())
-                .await
-            {
-                Ok(true) => {
-                    info!("released the lock on {}", self.cfg.key);
-                    return;
-                }
-                // Not ours (never acquired, or already lost): nothing to release.
-                Ok(false) => return,
-                Err(e) if e.is_transient() && attempt < 4 => {
-                    debug!("release failed: {e}; retrying");
-                    sleep(election::backoff(
-                        attempt,
-                        Duration::from_millis(200),
-                        Duration::from_secs(2),
-                    ))
-                    .await;
-                }
-                Err(e) => {
-                    warn!(
-                        "cannot release the lock on {}: {e}; destroying the session releases it",
-                        self.cfg.key
-                    );
-                    return;
-                }
-            }
-        }
-    }
-}
-
-/// Aborts a task when dropped, so no watcher outlives its term.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 fn round_ms(d: Duration) -> Duration {
     Duration::from_millis(d.as_millis() as u64)
 }
 
-fn session_hint(e: &ConsulError) -> String {
-    match e {
-        ConsulError::Status { body, .. } if body.contains("Session TTL") => {
-            format!("{e}; the agent's session_ttl_min is larger than --ttl, raise --ttl")
+/// The restart policy's bookkeeping within one term (`--restart`, `--restart-delay`,
+/// `--restart-limit`).
+struct Restarts {
+    cfg: crate::config::Restart,
+    /// When the command started, within the last `period`.
+    starts: std::collections::VecDeque<Instant>,
+    /// Restarts in a row of a command that did not run long: the delay doubles with each.
+    streak: u32,
+}
+
+impl Restarts {
+    fn new(cfg: crate::config::Restart) -> Self {
+        Self {
+            cfg,
+            starts: std::collections::VecDeque::from([Instant::now()]),
+            streak: 0,
         }
-        ConsulError::Status { body, .. } if body.contains("Missing check") => format!(
-            "{e}; check the --check IDs, or pass --no-node-check if the node has no serfHealth"
-        ),
-        ConsulError::Status { body, .. } if body.contains("critical") => format!(
-            "{e}; Consul binds no failing check to a session: make the check pass, or leave it out \
-             (--check, --no-node-check)"
-        ),
-        _ => e.to_string(),
+    }
+
+    fn policy_name(&self) -> &'static str {
+        match self.cfg.policy {
+            RestartPolicy::No => "no",
+            RestartPolicy::OnFailure => "on-failure",
+            RestartPolicy::Always => "always",
+        }
+    }
+
+    /// After the command exited with `status`: the pause before restarting it, or `None` when
+    /// the policy does not restart it. Records the coming start.
+    fn after_exit(&mut self, status: ChildExit) -> Option<Duration> {
+        let restart = match self.cfg.policy {
+            RestartPolicy::No => false,
+            RestartPolicy::OnFailure => status != ChildExit::Exited(0),
+            RestartPolicy::Always => true,
+        };
+        if !restart {
+            return None;
+        }
+        let now = Instant::now();
+        // A command that ran at least the longest pause was not crash-looping: start over.
+        let ran = self
+            .starts
+            .back()
+            .map_or(Duration::ZERO, |t| now.saturating_duration_since(*t));
+        if ran >= self.cfg.max_delay {
+            self.streak = 0;
+        }
+        let delay = self
+            .cfg
+            .delay
+            .saturating_mul(1u32 << self.streak.min(20))
+            .min(self.cfg.max_delay);
+        self.streak += 1;
+        while self
+            .starts
+            .front()
+            .is_some_and(|t| now.saturating_duration_since(*t) >= self.cfg.period)
+        {
+            self.starts.pop_front();
+        }
+        self.starts.push_back(now + delay);
+        Some(delay)
+    }
+
+    /// Whether the start just recorded would be one too many within the period.
+    fn limit_reached(&self) -> bool {
+        self.starts.len() > self.cfg.limit as usize
     }
 }
 
-/// Resolves when the session keeper reports the session gone.
-async fn session_gone(renewals: &mut watch::Receiver<Renewal>) {
+/// What a session's end means for the leader.
+fn verdict_of(end: SessionEnd) -> Verdict {
+    match end {
+        SessionEnd::Gone => {
+            Verdict::Lost("the session expired or was destroyed (renew answered 404)".into())
+        }
+        SessionEnd::Fatal(msg) => Verdict::Fatal(format!("cannot renew the session: {msg}")),
+    }
+}
+
+/// Resolves when the renewer reports the session's end.
+async fn session_ended(renewals: &mut watch::Receiver<Renewal>) -> SessionEnd {
     loop {
-        if renewals.borrow_and_update().gone {
-            return;
+        if let Some(end) = renewals.borrow_and_update().end.clone() {
+            return end;
         }
         if renewals.changed().await.is_err() {
-            // The keeper ended without saying gone: it was aborted. Wait for ever.
+            // The renewer ended without a verdict: it was aborted. Wait for ever.
             std::future::pending::<()>().await;
         }
     }
 }
 
-/// Resolves with `Ok(reason)` when leadership is lost: the key watcher saw another owner, the
-/// session is gone, or no renew succeeded in time (self-fencing; see `election`). Resolves with
-/// `Err(fence)` when a renew moved the fence, so that the caller can hand it on.
-async fn lost(
-    lost_rx: &mut mpsc::Receiver<String>,
+/// Resolves with `Ok(verdict)` when leadership ends: the key watcher saw another owner or a
+/// definitive error, the session ended, or no renew succeeded in time (self-fencing; see
+/// `election`). Resolves with `Err(fence)` when a renew moved the fence, so that the caller can
+/// hand it on.
+async fn ended(
+    verdicts: &mut mpsc::Receiver<Verdict>,
     renewals: &mut watch::Receiver<Renewal>,
     cfg: &RunConfig,
-) -> Result<String, Fence> {
-    let r = *renewals.borrow_and_update();
-    if r.gone {
-        return Ok("the session expired or was destroyed (renew answered 404)".into());
+) -> Result<Verdict, Fence> {
+    let r = renewals.borrow_and_update().clone();
+    if let Some(end) = r.end {
+        return Ok(verdict_of(end));
     }
     let fence = Fence::after_renew(r.last_ok_sent, cfg.ttl, cfg.grace);
-    tokio::select! {
-        reason = lost_rx.recv() => {
-            Ok(reason.unwrap_or_else(|| "the key watcher stopped".into()))
-        }
-        _ = clock::sleep_until(fence.stop_at) => {
-            Ok(format!(
-                "no session renew succeeded for {}; stopping before Consul may expire the session",
-                humantime::format_duration(round_ms(fence.stop_at.saturating_duration_since(r.last_ok_sent)))
+    let fenced = || {
+        Verdict::Lost(format!(
+            "no session renew succeeded for {}; stopping before Consul may expire the session",
+            humantime::format_duration(round_ms(
+                fence.stop_at.saturating_duration_since(r.last_ok_sent)
             ))
+        ))
+    };
+    tokio::select! {
+        verdict = verdicts.recv() => {
+            Ok(verdict.unwrap_or_else(|| Verdict::Lost("the key watcher stopped".into())))
         }
+        () = clock::sleep_until(fence.stop_at) => Ok(fenced()),
         changed = renewals.changed() => {
-            if changed.is_err() {
-                // Keeper gone without a verdict: only the fence can end us now.
-                clock::sleep_until(fence.stop_at).await;
-                return Ok("no session renew succeeded in time".into());
+            let r = renewals.borrow_and_update().clone();
+            if let Some(end) = r.end {
+                return Ok(verdict_of(end));
             }
-            let r = *renewals.borrow();
-            if r.gone {
-                return Ok("the session expired or was destroyed (renew answered 404)".into());
+            if changed.is_err() {
+                // Renewer gone without a verdict: only the fence can end us now.
+                clock::sleep_until(fence.stop_at).await;
+                return Ok(fenced());
             }
             Err(Fence::after_renew(r.last_ok_sent, cfg.ttl, cfg.grace))
         }
@@ -727,294 +804,11 @@ async fn ping_watchdog(
     grace: Duration,
 ) {
     loop {
-        let r = *renewals.borrow();
+        let r = renewals.borrow().clone();
         let fence = Fence::after_renew(r.last_ok_sent, ttl, grace);
-        if !r.gone && !fence.stop_at.has_passed() {
+        if r.end.is_none() && !fence.stop_at.has_passed() {
             notify::watchdog();
         }
         sleep(every).await;
-    }
-}
-
-/// Renews the session every TTL/3 and reports each success (by its send time) or the session's end.
-/// Errors are retried with jittered backoff; they are not a loss by themselves: the leader's fence
-/// deadline decides that.
-async fn keep_session(
-    client: Arc<Client>,
-    session: SessionId,
-    ttl: Duration,
-    tx: watch::Sender<Renewal>,
-) {
-    let period = ttl / 3;
-    // A hung renew (a black-holed connection) is cut short at half the period, so that it fails
-    // and is retried, on a new connection, well before the fence: with the defaults, a renew sent
-    // into a partition gives up after 2.5s and the next try leaves 4s before the fence.
-    let timeout = (period / 2).clamp(Duration::from_millis(100), Duration::from_secs(5));
-    let since_ok = BootTime::now().saturating_duration_since(tx.borrow().last_ok_sent);
-    let mut next = Instant::now() + period.saturating_sub(since_ok);
-    let mut attempt = 0u32;
-    loop {
-        sleep_until(next).await;
-        let sent = BootTime::now();
-        let sent_mono = Instant::now();
-        match client.session_renew(&session, timeout).await {
-            Ok(Some(_)) => {
-                if attempt > 0 {
-                    info!("session renew works again");
-                }
-                debug!("renewed session {session}");
-                attempt = 0;
-                tx.send_modify(|r| r.last_ok_sent = sent);
-                next = sent_mono + period;
-            }
-            Ok(None) => {
-                tx.send_modify(|r| r.gone = true);
-                return;
-            }
-            Err(e) => {
-                if attempt == 0 {
-                    warn!("session renew failed: {e}; retrying");
-                } else {
-                    debug!("session renew failed again: {e}");
-                }
-                next = Instant::now()
-                    + election::backoff(attempt, Duration::from_millis(200), period / 2);
-                attempt += 1;
-            }
-        }
-    }
-}
-
-/// Watches the lock key with blocking `?consistent` reads; reports the first sign that it is no
-/// longer ours. Errors are retried with backoff (the fence deadline covers a Consul we cannot reach).
-async fn watch_key(
-    client: Arc<Client>,
-    key: String,
-    session: SessionId,
-    mut index: ConsulIndex,
-    wait: Duration,
-    lost_tx: mpsc::Sender<String>,
-) {
-    let mut attempt = 0u32;
-    loop {
-        let opts = ReadOpts {
-            index,
-            wait: Some(wait),
-            consistent: true,
-        };
-        match client.kv_get(&key, opts).await {
-            Ok((entry, new_index)) => {
-                attempt = 0;
-                let reason = match entry {
-                    None => Some("the key was deleted".to_string()),
-                    Some(e) => match e.session {
-                        Some(s) if s == session.0 => None,
-                        Some(s) => Some(format!("the key is now held by session {s}")),
-                        None => {
-                            Some("Consul released the key (the session was invalidated)".into())
-                        }
-                    },
-                };
-                if let Some(reason) = reason {
-                    let _ = lost_tx.send(reason).await;
-                    return;
-                }
-                // Consul's guidance: an index that goes backwards means start over.
-                index = if new_index < index {
-                    ConsulIndex(0)
-                } else {
-                    new_index
-                };
-            }
-            Err(e) => {
-                debug!("watching {key} failed: {e}; retrying");
-                sleep(election::backoff(
-                    attempt,
-                    Duration::from_millis(100),
-                    Duration::from_secs(2),
-                ))
-                .await;
-                attempt += 1;
-            }
-        }
-    }
-}
-
-/// Contends for the key until we hold it, the wait runs out, or something fatal happens.
-async fn contend(
-    client: &Client,
-    cfg: &RunConfig,
-    session: &SessionId,
-    deadline: Option<Instant>,
-    free_watch: &mut FreeWatch,
-) -> Result<Acquired, ContendEnd> {
-    const MAX_BLOCK: Duration = Duration::from_secs(300);
-    let mut index = ConsulIndex(0);
-    let mut announced: Option<String> = None;
-    let mut delay_attempt = 0u32;
-    let mut error_attempt = 0u32;
-    let expired = |d: Option<Instant>| d.is_some_and(|d| Instant::now() >= d);
-    loop {
-        let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-        let wait = remaining.unwrap_or(MAX_BLOCK).min(MAX_BLOCK);
-        let opts = if index.0 == 0 || wait.is_zero() {
-            ReadOpts::default()
-        } else {
-            ReadOpts {
-                index,
-                wait: Some(wait),
-                consistent: false,
-            }
-        };
-        let (entry, new_index) = match client.kv_get(&cfg.key, opts).await {
-            Ok(r) => {
-                error_attempt = 0;
-                r
-            }
-            Err(e) if e.is_transient() => {
-                if expired(deadline) {
-                    return Err(ContendEnd::Fatal(format!("cannot read {}: {e}", cfg.key)));
-                }
-                if error_attempt == 0 {
-                    warn!("cannot read {}: {e}; retrying", cfg.key);
-                }
-                sleep(election::backoff(
-                    error_attempt,
-                    Duration::from_millis(200),
-                    Duration::from_secs(5),
-                ))
-                .await;
-                error_attempt += 1;
-                index = ConsulIndex(0);
-                continue;
-            }
-            Err(e) => return Err(ContendEnd::Fatal(format!("cannot read {}: {e}", cfg.key))),
-        };
-        let view = election::classify(entry.as_ref(), session);
-        free_watch.observe(&view, Instant::now().into_std());
-        match view {
-            KeyView::Foreign { flags } => {
-                return Err(ContendEnd::Fatal(election::foreign_key_error(
-                    &cfg.key, flags,
-                )));
-            }
-            KeyView::Held {
-                session: other,
-                holder,
-            } => {
-                let who = election::describe_holder(&other, holder.as_ref());
-                if announced.as_deref() != Some(who.as_str()) {
-                    info!("waiting for the lock on {}: held by {who}", cfg.key);
-                    notify::status(&format!("standby, leader is {who}"));
-                    announced = Some(who);
-                }
-                if expired(deadline) {
-                    return Err(ContendEnd::Busy);
-                }
-                delay_attempt = 0;
-                index = if new_index.0 == 0 {
-                    ConsulIndex(1)
-                } else {
-                    new_index
-                };
-                continue;
-            }
-            KeyView::Ours { .. } | KeyView::Absent | KeyView::Free { .. } => {}
-        }
-        // Made at each attempt, so that `acquired_at` says when we won, not when we began to wait.
-        let value = HolderValue::new(&cfg.host, session);
-        let failed: ConsulError = match client
-            .kv_acquire(&cfg.key, session, LOCK_FLAG_VALUE, value.to_bytes())
-            .await
-        {
-            Ok(true) => {
-                // Read back what we hold: the LockIndex is the fencing token, and its index is
-                // where the leader's watch starts.
-                let read = ReadOpts {
-                    consistent: true,
-                    ..ReadOpts::default()
-                };
-                match client.kv_get(&cfg.key, read).await {
-                    Ok((Some(e), idx)) if e.session.as_deref() == Some(session.0.as_str()) => {
-                        let silence_until = free_watch
-                            .silence_until(cfg.silence, Instant::now().into_std())
-                            .map(Instant::from_std);
-                        return Ok(Acquired {
-                            value,
-                            fencing_token: e.lock_index,
-                            index: idx,
-                            silence_until,
-                        });
-                    }
-                    Ok(_) => {
-                        // Lost between acquire and read-back (session destroyed): start over.
-                        index = ConsulIndex(0);
-                        continue;
-                    }
-                    Err(e) => e,
-                }
-            }
-            Ok(false) => {
-                // Refused while the key looked free: either someone else won the race (the next
-                // read shows them and we block on it), or Consul's lock-delay is in force.
-                index = ConsulIndex(0);
-                match client.kv_get(&cfg.key, ReadOpts::default()).await {
-                    Ok((entry, _)) => {
-                        let view = election::classify(entry.as_ref(), session);
-                        free_watch.observe(&view, Instant::now().into_std());
-                        if matches!(view, KeyView::Free { .. } | KeyView::Absent) {
-                            if delay_attempt == 0 {
-                                info!(
-                                    "the lock on {} is free but Consul's lock-delay is in force; retrying",
-                                    cfg.key
-                                );
-                            }
-                            if expired(deadline) {
-                                return Err(ContendEnd::Busy);
-                            }
-                            // Sleep until the lock-delay probably ends, then retry briskly,
-                            // with jitter so that contenders do not knock in lockstep.
-                            let now = std::time::Instant::now();
-                            let brisk = election::backoff(
-                                delay_attempt,
-                                Duration::from_millis(25),
-                                Duration::from_millis(250),
-                            );
-                            let mut pause = match free_watch.lock_delay_ends(cfg.lock_delay) {
-                                Some(end) if end > now + brisk => end - now + brisk / 2,
-                                _ => brisk,
-                            };
-                            if let Some(d) = deadline {
-                                pause = pause.min(d.saturating_duration_since(Instant::now()));
-                            }
-                            delay_attempt += 1;
-                            sleep(pause).await;
-                        }
-                        continue;
-                    }
-                    Err(e) => e,
-                }
-            }
-            Err(ConsulError::Status { body, .. }) if body.contains("invalid session") => {
-                return Err(ContendEnd::SessionGone);
-            }
-            Err(e) => e,
-        };
-        // An error on the acquire path: retry the transient ones with backoff, from a fresh read.
-        if !failed.is_transient() || expired(deadline) {
-            return Err(ContendEnd::Fatal(format!(
-                "cannot acquire {}: {failed}",
-                cfg.key
-            )));
-        }
-        warn!("cannot acquire {}: {failed}; retrying", cfg.key);
-        sleep(election::backoff(
-            error_attempt,
-            Duration::from_millis(200),
-            Duration::from_secs(5),
-        ))
-        .await;
-        error_attempt += 1;
-        index = ConsulIndex(0);
     }
 }

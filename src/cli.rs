@@ -56,6 +56,17 @@ pub enum OnLost {
     Recontend,
 }
 
+/// When to restart the command while the lock is held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RestartPolicy {
+    /// The command's exit ends the term: release the lock, exit with its code.
+    No,
+    /// Restart after a non-zero exit or a death by signal.
+    OnFailure,
+    /// Restart after any exit.
+    Always,
+}
+
 /// Log line format on stderr.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
 pub enum LogFormat {
@@ -187,6 +198,39 @@ pub struct RunArgs {
     /// own codes include 76).
     #[arg(long, value_name = "CODE", default_value = "76", value_parser = parse_exit_code, allow_hyphen_values = true)]
     pub lost_exit_code: u8,
+
+    /// This contender's stable identity, written into the key's value; it survives a restart of
+    /// the wrapper (default: the host name).
+    #[arg(long, value_name = "ID")]
+    pub id: Option<String>,
+
+    /// After the last holder lost the lock to a fault (no clean release), other contenders wait
+    /// this long, from when they first see the key free, before they try for it, so that the
+    /// previous holder (same --id) gets it back first. 0 turns priority off.
+    #[arg(long, value_name = "DURATION", default_value = "0", value_parser = parse_duration)]
+    pub priority_window: Duration,
+
+    /// Restart the command while holding the lock: no (its exit ends the term), on-failure
+    /// (after a non-zero exit or a death by signal), always.
+    #[arg(long, value_enum, default_value = "no")]
+    pub restart: RestartPolicy,
+
+    /// First pause before a restart; it doubles with each restart in a row, up to 1 minute (or
+    /// this value, if larger).
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
+    pub restart_delay: Duration,
+
+    /// At most N starts of the command within PERIOD (e.g. 5/10m); past it, step down: stop,
+    /// release the lock clean so another host can take over, and exit with the command's last
+    /// exit code.
+    #[arg(long, value_name = "N/PERIOD", default_value = "5/10m")]
+    pub restart_limit: String,
+
+    /// Signals forwarded to the command's process group instead of being acted on, comma
+    /// separated: any of HUP, QUIT, USR1, USR2, WINCH, ALRM. TERM and INT always stop the
+    /// command; HUP and QUIT do unless forwarded.
+    #[arg(long, value_name = "SIGNALS", default_value = "USR1,USR2,WINCH")]
+    pub forward_signals: String,
 
     /// Session name shown in Consul (default: consul-leader <key> on <host> pid <pid>).
     #[arg(long, value_name = "NAME")]

@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 
-use crate::cli::{ConsulArgs, LogFormat, OnLost, RunArgs};
+use crate::cli::{ConsulArgs, LogFormat, OnLost, RestartPolicy, RunArgs};
+use crate::election::Timing;
 
 /// A usage or configuration error: one line that says what to fix. Exit code 2.
 #[derive(Debug, thiserror::Error)]
@@ -374,12 +375,49 @@ pub struct RunConfig {
     pub consul: ConsulConfig,
     pub command: Vec<String>,
     pub host: String,
+    /// This contender's stable identity (`--id`, default the host name).
+    pub id: String,
+    /// `--priority-window`; zero when priority is off.
+    pub priority_window: Duration,
+    pub restart: Restart,
+    /// Signals forwarded to the command's group.
+    pub forward_signals: Vec<Signal>,
+    /// Signals that stop the wrapper: TERM, INT, and HUP and QUIT unless forwarded.
+    pub stop_signals: Vec<Signal>,
+}
+
+/// The restart policy while the lock is held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Restart {
+    pub policy: RestartPolicy,
+    /// The first pause; it doubles with each restart in a row, up to `max_delay`.
+    pub delay: Duration,
+    pub max_delay: Duration,
+    /// At most `limit` starts within `period`.
+    pub limit: u32,
+    pub period: Duration,
 }
 
 /// Consul refuses a session TTL above this.
 const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Consul caps lock-delay here when it applies it; a larger value would silently mean less.
 const MAX_LOCK_DELAY: Duration = Duration::from_secs(60);
+/// The silence may have to cover the longest TTL; beyond that it only holds the lock idle.
+const MAX_SILENCE: Duration = MAX_TTL;
+/// The longest `--wait`: omit the flag to wait for ever.
+const MAX_WAIT: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// Refuses a duration above `max`, before any arithmetic can overflow on it.
+fn at_most(flag: &str, value: Duration, max: Duration, hint: &str) -> Result<(), ConfigError> {
+    if value > max {
+        return Err(bad(format!(
+            "{flag} {} is too long; the most it takes is {}{hint}",
+            humantime::format_duration(value),
+            humantime::format_duration(max)
+        )));
+    }
+    Ok(())
+}
 
 /// Consul's default `session_ttl_min`: it refuses a session TTL below this.
 const CONSUL_SESSION_TTL_MIN: Duration = Duration::from_secs(10);
@@ -426,6 +464,15 @@ fn check_ttl(ttl: Duration) -> Result<(), ConfigError> {
 }
 
 impl RunConfig {
+    /// The timing the election rules need.
+    pub fn timing(&self) -> Timing {
+        Timing {
+            ttl: self.ttl,
+            lock_delay: self.lock_delay,
+            silence: self.silence,
+        }
+    }
+
     pub fn from_args(args: &RunArgs) -> Result<Self, ConfigError> {
         let key = validate_key(&args.key)?;
         let consul = ConsulConfig::from_args(&args.consul)?;
@@ -437,10 +484,25 @@ impl RunConfig {
                 humantime::format_duration(args.lock_delay)
             )));
         }
+        at_most("--silence", args.silence, MAX_SILENCE, "")?;
+        at_most(
+            "--grace",
+            args.grace,
+            MAX_TTL / 2,
+            " (and less than half the TTL)",
+        )?;
+        if let Some(wait) = args.wait {
+            at_most(
+                "--wait",
+                wait,
+                MAX_WAIT,
+                "; leave --wait out to wait for ever",
+            )?;
+        }
         // Self-fencing starts the stop sequence at (last renew + TTL - grace - margin). Renewing
         // happens every TTL/3; the stop must leave room for at least one renew retry after a
         // missed renew, so grace has to stay below TTL/2.
-        if args.grace * 2 >= args.ttl {
+        if args.grace.saturating_mul(2) >= args.ttl {
             return Err(bad(format!(
                 "--grace {} does not fit inside --ttl {}: grace must be less than half the TTL, so that \
                  the command can be stopped before the session may expire; raise --ttl or lower --grace",
@@ -448,14 +510,20 @@ impl RunConfig {
                 humantime::format_duration(args.ttl)
             )));
         }
-        // After a session is invalidated (operator destroy, failed check) the old leader's command
-        // may need up to `grace` to stop; the next leader is held back by lock-delay and silence,
-        // so at least one of them must cover the grace period.
-        if args.lock_delay.max(args.silence) < args.grace {
+        // A leader cut off from Consul keeps its command until its fence, up to a TTL after its
+        // last renew, while Consul may free the key right after that renew (a bound check that
+        // goes critical, a destroyed session). Only lock-delay and silence hold the next leader
+        // back (election's module docs, 2 and 3), so one of them must cover the TTL.
+        if args.lock_delay.max(args.silence) < args.ttl {
             return Err(bad(format!(
-                "--grace {} is longer than both --lock-delay and --silence; a new leader could start \
-                 while this one's command is still stopping; raise --silence or --lock-delay",
-                humantime::format_duration(args.grace)
+                "--silence {} and --lock-delay {} are both shorter than --ttl {}: a leader cut off \
+                 from Consul keeps its command up to the TTL after its last renew, while Consul may \
+                 free the key right after that renew (a failed check); raise --silence (or \
+                 --lock-delay, at most 60s) to at least {}",
+                humantime::format_duration(args.silence),
+                humantime::format_duration(args.lock_delay),
+                humantime::format_duration(args.ttl),
+                humantime::format_duration(args.ttl)
             )));
         }
         if args.command.is_empty() || args.command[0].is_empty() {
@@ -472,6 +540,22 @@ impl RunConfig {
             .ok()
             .and_then(|h| h.into_string().ok())
             .unwrap_or_else(|| "unknown-host".to_string());
+        let id = match &args.id {
+            Some(id) => validate_id(id)?,
+            None => host.clone(),
+        };
+        at_most("--priority-window", args.priority_window, MAX_TTL, "")?;
+        let restart = parse_restart(args)?;
+        let forward_signals = parse_forward_signals(&args.forward_signals, stop_signal)?;
+        let stop_signals = [
+            Signal::SIGTERM,
+            Signal::SIGINT,
+            Signal::SIGHUP,
+            Signal::SIGQUIT,
+        ]
+        .into_iter()
+        .filter(|s| !forward_signals.contains(s))
+        .collect();
         let session_name = args
             .name
             .clone()
@@ -497,6 +581,11 @@ impl RunConfig {
             consul,
             command: args.command.clone(),
             host,
+            id,
+            priority_window: args.priority_window,
+            restart,
+            forward_signals,
+            stop_signals,
         })
     }
 }
@@ -504,10 +593,23 @@ impl RunConfig {
 /// Keys are sent as a URL path: Consul redirects unclean paths and rejects a leading `/` (its Go
 /// client refuses those for PUT), so catch them here with a clear message.
 pub fn validate_key(key: &str) -> Result<String, ConfigError> {
-    if key.is_empty() {
-        return Err(bad(
-            "--key is empty; give a Consul KV key such as jobs/report",
-        ));
+    if key.trim().is_empty() {
+        return Err(bad(format!(
+            "--key {key:?} is blank; give a Consul KV key such as jobs/report"
+        )));
+    }
+    // A `\r` from a file with CRLF line ends names another key than the one meant, and two
+    // leaders would run on "jobs/report" and "jobs/report\r" with identical log lines.
+    if key.chars().any(char::is_control) {
+        return Err(bad(format!(
+            "--key {key:?} contains a control character (a line end from a file with CRLF \
+             line ends?); remove it"
+        )));
+    }
+    if key.trim() != key {
+        return Err(bad(format!(
+            "--key {key:?} starts or ends with whitespace; remove it"
+        )));
     }
     if key.starts_with('/') {
         return Err(bad(format!(
@@ -527,19 +629,113 @@ pub fn validate_key(key: &str) -> Result<String, ConfigError> {
     Ok(key.to_string())
 }
 
+/// An `--id`: printable, short, so that it reads well in the key's value and in `status`.
+fn validate_id(id: &str) -> Result<String, ConfigError> {
+    if id.trim().is_empty() || id.trim() != id || id.chars().any(char::is_control) {
+        return Err(bad(format!(
+            "--id {id:?} must be printable, without leading or trailing whitespace; use a name such as web-2"
+        )));
+    }
+    if id.len() > 128 {
+        return Err(bad("--id is longer than 128 bytes; use a shorter name"));
+    }
+    Ok(id.to_string())
+}
+
+/// `--restart`, `--restart-delay` and `--restart-limit N/PERIOD`.
+fn parse_restart(args: &RunArgs) -> Result<Restart, ConfigError> {
+    at_most("--restart-delay", args.restart_delay, MAX_TTL, "")?;
+    let limit_err = || {
+        bad(format!(
+            "--restart-limit {} is not N/PERIOD; use e.g. 5/10m (at most 5 starts within 10 minutes)",
+            args.restart_limit
+        ))
+    };
+    let (n, period) = args.restart_limit.split_once('/').ok_or_else(limit_err)?;
+    let limit: u32 = n.trim().parse().map_err(|_| limit_err())?;
+    let period = humantime::parse_duration(period.trim()).map_err(|_| limit_err())?;
+    if limit == 0 || period.is_zero() {
+        return Err(bad(format!(
+            "--restart-limit {} allows no start; use at least 1 start in a period above 0, e.g. 5/10m",
+            args.restart_limit
+        )));
+    }
+    at_most(
+        "--restart-limit's period",
+        period,
+        Duration::from_secs(7 * 24 * 3600),
+        "",
+    )?;
+    Ok(Restart {
+        policy: args.restart,
+        delay: args.restart_delay,
+        max_delay: args.restart_delay.max(Duration::from_secs(60)),
+        limit,
+        period,
+    })
+}
+
+/// `--forward-signals`: names or numbers, comma separated, from the signals a wrapper can pass
+/// on without losing its own way to be stopped.
+fn parse_forward_signals(list: &str, stop_signal: Signal) -> Result<Vec<Signal>, ConfigError> {
+    const FORWARDABLE: [Signal; 6] = [
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+        Signal::SIGUSR1,
+        Signal::SIGUSR2,
+        Signal::SIGWINCH,
+        Signal::SIGALRM,
+    ];
+    let mut out = Vec::new();
+    for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        let sig = signal_by_name(name).ok_or_else(|| {
+            bad(format!(
+                "--forward-signals: {name} is not a signal name; use HUP, QUIT, USR1, USR2, WINCH or ALRM"
+            ))
+        })?;
+        if sig == Signal::SIGTERM || sig == Signal::SIGINT {
+            return Err(bad(format!(
+                "--forward-signals cannot take {}: TERM and INT always stop the command and the wrapper",
+                sig.as_str()
+            )));
+        }
+        if !FORWARDABLE.contains(&sig) {
+            return Err(bad(format!(
+                "--forward-signals cannot take {}; use HUP, QUIT, USR1, USR2, WINCH or ALRM",
+                sig.as_str()
+            )));
+        }
+        if sig == stop_signal {
+            return Err(bad(format!(
+                "{} is both the --stop-signal and in --forward-signals; a forwarded signal would stop \
+                 the command behind the wrapper's back: remove it from --forward-signals",
+                sig.as_str()
+            )));
+        }
+        if !out.contains(&sig) {
+            out.push(sig);
+        }
+    }
+    Ok(out)
+}
+
+/// A signal by name (`TERM`, `SIGTERM`, `term`) or number.
+fn signal_by_name(s: &str) -> Option<Signal> {
+    let upper = s.trim().to_ascii_uppercase();
+    if let Ok(n) = upper.parse::<i32>() {
+        return Signal::try_from(n).ok();
+    }
+    let name = if upper.starts_with("SIG") {
+        upper
+    } else {
+        format!("SIG{upper}")
+    };
+    Signal::from_str(&name).ok()
+}
+
 /// Accepts `TERM`, `SIGTERM`, `term` or a number.
 pub fn parse_signal(s: &str) -> Result<Signal, ConfigError> {
-    let upper = s.trim().to_ascii_uppercase();
-    let parsed = if let Ok(n) = upper.parse::<i32>() {
-        Signal::try_from(n).ok()
-    } else {
-        let name = if upper.starts_with("SIG") {
-            upper.clone()
-        } else {
-            format!("SIG{upper}")
-        };
-        Signal::from_str(&name).ok()
-    };
+    let parsed = signal_by_name(s);
     match parsed {
         Some(Signal::SIGKILL) | Some(Signal::SIGSTOP) => Err(bad(format!(
             "--stop-signal {s} cannot be caught, so the command could not stop cleanly; use TERM, INT, HUP or QUIT"
@@ -584,9 +780,58 @@ mod tests {
     }
 
     #[test]
-    fn grace_must_be_covered_by_silence_or_lock_delay() {
-        let e = run_args(&["--lock-delay", "1s", "--silence", "2s", "--grace", "3s"]).unwrap_err();
-        assert!(e.0.contains("raise --silence"), "{e}");
+    fn silence_or_lock_delay_must_cover_the_ttl() {
+        let e = run_args(&[
+            "--ttl",
+            "10s",
+            "--lock-delay",
+            "1s",
+            "--silence",
+            "1s",
+            "--grace",
+            "500ms",
+        ])
+        .unwrap_err();
+        assert!(
+            e.0.contains("raise --silence") && e.0.contains("--ttl 10s"),
+            "{e}"
+        );
+        assert!(!e.0.contains('\n'), "one line: {e}");
+        let ok = |d, s| {
+            run_args(&[
+                "--ttl",
+                "10s",
+                "--grace",
+                "1s",
+                "--lock-delay",
+                d,
+                "--silence",
+                s,
+            ])
+        };
+        assert!(ok("1s", "10s").is_ok());
+        assert!(ok("10s", "0").is_ok());
+        // Above Consul's 60s lock-delay cap only the silence can cover the TTL.
+        let e = run_args(&["--ttl", "2m", "--lock-delay", "60s", "--silence", "1m"]).unwrap_err();
+        assert!(e.0.contains("at least 2m"), "{e}");
+    }
+
+    #[test]
+    fn durations_that_could_overflow_are_refused() {
+        for (flag, value) in [
+            ("--grace", "18446744073709551615s"),
+            ("--silence", "18446744073709551615s"),
+            ("--wait", "18446744073709551615s"),
+            ("--silence", "100y"),
+            ("--ttl", "18446744073709551615s"),
+            ("--lock-delay", "18446744073709551615s"),
+        ] {
+            let e = run_args(&[flag, value]).unwrap_err();
+            assert!(e.0.contains(flag), "{flag} {value}: {e}");
+        }
+        assert!(run_args(&["--wait", "0"]).is_ok());
+        assert!(run_args(&["--wait", "30days"]).is_ok());
+        assert!(run_args(&["--wait", "31days"]).is_err());
     }
 
     #[test]
@@ -596,10 +841,76 @@ mod tests {
 
     #[test]
     fn keys_are_checked() {
-        for k in ["", "/a", "a/", "a//b", "a/../b"] {
+        for k in [
+            "",
+            "   ",
+            "/a",
+            "a/",
+            "a//b",
+            "a/../b",
+            "jobs/report\r",
+            "jobs/\nreport",
+            " jobs/a",
+            "jobs/a ",
+            "a\tb",
+        ] {
             assert!(validate_key(k).is_err(), "{k:?}");
         }
         assert!(validate_key("jobs/report").is_ok());
+        assert!(validate_key("jobs/with space").is_ok());
+        // The key is shown escaped, so an invisible character can be seen.
+        let e = validate_key("jobs/report\r").unwrap_err();
+        assert!(e.0.contains(r#""jobs/report\r""#), "{e}");
+    }
+
+    #[test]
+    fn forwarded_signals_stop_nothing_and_stay_forwardable() {
+        let c = run_args(&[]).unwrap();
+        assert_eq!(
+            c.forward_signals,
+            [Signal::SIGUSR1, Signal::SIGUSR2, Signal::SIGWINCH]
+        );
+        assert_eq!(
+            c.stop_signals,
+            [
+                Signal::SIGTERM,
+                Signal::SIGINT,
+                Signal::SIGHUP,
+                Signal::SIGQUIT
+            ]
+        );
+        let c = run_args(&["--forward-signals", "hup,USR1"]).unwrap();
+        assert_eq!(c.forward_signals, [Signal::SIGHUP, Signal::SIGUSR1]);
+        assert!(!c.stop_signals.contains(&Signal::SIGHUP));
+        for bad in ["TERM", "INT", "KILL", "CHLD", "nope"] {
+            assert!(run_args(&["--forward-signals", bad]).is_err(), "{bad}");
+        }
+        let e = run_args(&["--stop-signal", "USR1"]).unwrap_err();
+        assert!(e.0.contains("--forward-signals"), "{e}");
+        assert!(run_args(&["--stop-signal", "USR1", "--forward-signals", "USR2"]).is_ok());
+    }
+
+    #[test]
+    fn restart_limits_parse() {
+        let c = run_args(&["--restart", "on-failure", "--restart-limit", "3/1m"]).unwrap();
+        assert_eq!(c.restart.policy, RestartPolicy::OnFailure);
+        assert_eq!(
+            (c.restart.limit, c.restart.period),
+            (3, Duration::from_secs(60))
+        );
+        assert_eq!(c.restart.max_delay, Duration::from_secs(60));
+        for bad in ["5", "0/10m", "x/10m", "5/0s", "5/ten"] {
+            assert!(run_args(&["--restart-limit", bad]).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn ids_default_to_the_host_and_are_checked() {
+        let c = run_args(&[]).unwrap();
+        assert_eq!(c.id, c.host);
+        assert_eq!(run_args(&["--id", "web-2"]).unwrap().id, "web-2");
+        assert!(run_args(&["--id", " web"]).is_err());
+        assert!(run_args(&["--id", "a\rb"]).is_err());
     }
 
     #[test]

@@ -183,6 +183,10 @@ const SHORT_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct Client {
     http: reqwest::Client,
+    /// For renews only: keeps no idle connection, so every renew goes out on a fresh one. A
+    /// pooled connection may be silently dead (a partition that outlived the TCP stream, state
+    /// lost in a NAT), and a renew that waits on it wastes the time the fence leaves.
+    renew_http: reqwest::Client,
     cfg: ConsulConfig,
 }
 
@@ -190,6 +194,46 @@ impl Client {
     pub fn new(mut cfg: ConsulConfig) -> anyhow::Result<Self> {
         // reqwest is built without a default TLS provider; pick ring once for the process.
         let _ = rustls::crypto::ring::default_provider().install_default();
+        let pin = Self::pin_server_name(&mut cfg)?;
+        let http = Self::builder(&cfg, pin.as_ref())?.build()?;
+        let renew_http = Self::builder(&cfg, pin.as_ref())?
+            .pool_max_idle_per_host(0)
+            .build()?;
+        Ok(Self {
+            http,
+            renew_http,
+            cfg,
+        })
+    }
+
+    /// With a TLS server name, verify the agent's certificate against that name: address the
+    /// agent by the name (rewriting `cfg.base_url`) and return the name with the configured
+    /// address's sockets, to pin it there, so TLS (SNI and verification) sees the name while the
+    /// connection goes where the user pointed it.
+    fn pin_server_name(
+        cfg: &mut ConsulConfig,
+    ) -> anyhow::Result<Option<(String, Vec<std::net::SocketAddr>)>> {
+        let Some(name) = cfg.tls.server_name.clone() else {
+            return Ok(None);
+        };
+        let Some((scheme, rest)) = cfg.base_url.split_once("://") else {
+            return Ok(None);
+        };
+        let (host_port, path) = rest.split_once('/').map_or((rest, ""), |(h, p)| (h, p));
+        let addrs = std::net::ToSocketAddrs::to_socket_addrs(host_port)
+            .map_err(|e| anyhow::anyhow!("cannot resolve the Consul address {host_port}: {e}"))?
+            .collect::<Vec<_>>();
+        let port = addrs.first().map(|a| a.port()).unwrap_or(443);
+        let sep = if path.is_empty() { "" } else { "/" };
+        cfg.base_url = format!("{scheme}://{name}:{port}{sep}{path}");
+        Ok(Some((name, addrs)))
+    }
+
+    /// A client builder with every connection setting of `cfg`.
+    fn builder(
+        cfg: &ConsulConfig,
+        pin: Option<&(String, Vec<std::net::SocketAddr>)>,
+    ) -> anyhow::Result<reqwest::ClientBuilder> {
         let mut builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(3))
             .pool_idle_timeout(Duration::from_secs(30))
@@ -197,6 +241,11 @@ impl Client {
             .user_agent(concat!("consul-leader/", env!("CARGO_PKG_VERSION")));
         if let Some(socket) = &cfg.unix_socket {
             builder = builder.unix_socket(socket.clone());
+        }
+        if !cfg.base_url.starts_with("https://") {
+            // Plain HTTP (or a unix socket) never verifies a certificate: trust no roots, so that
+            // the system's CA store (a hundred files or more) is neither read nor kept in memory.
+            return Ok(builder.tls_certs_only(Vec::new()));
         }
         if !cfg.tls.ca_pems.is_empty() {
             // Like Consul's client: a configured CA replaces the system's roots.
@@ -212,25 +261,10 @@ impl Client {
         if cfg.tls.insecure {
             builder = builder.tls_danger_accept_invalid_certs(true);
         }
-        if let Some(name) = cfg.tls.server_name.clone() {
-            // Verify the certificate against `name`: address the agent by that name and pin the
-            // name to the configured address, so TLS (SNI and verification) sees the name while
-            // the connection goes where the user pointed it.
-            if let Some((scheme, rest)) = cfg.base_url.split_once("://") {
-                let (host_port, path) = rest.split_once('/').map_or((rest, ""), |(h, p)| (h, p));
-                let addrs = std::net::ToSocketAddrs::to_socket_addrs(host_port)
-                    .map_err(|e| {
-                        anyhow::anyhow!("cannot resolve the Consul address {host_port}: {e}")
-                    })?
-                    .collect::<Vec<_>>();
-                let port = addrs.first().map(|a| a.port()).unwrap_or(443);
-                builder = builder.resolve_to_addrs(&name, &addrs);
-                let sep = if path.is_empty() { "" } else { "/" };
-                cfg.base_url = format!("{scheme}://{name}:{port}{sep}{path}");
-            }
+        if let Some((name, addrs)) = pin {
+            builder = builder.resolve_to_addrs(name, addrs);
         }
-        let http = builder.build()?;
-        Ok(Self { http, cfg })
+        Ok(builder)
     }
 
     fn url(&self, path: &str, query: &[(&str, String)]) -> String {
@@ -387,7 +421,7 @@ impl Client {
             .send(
                 OP,
                 || "session:write on this agent's node".into(),
-                self.http
+                self.renew_http
                     .put(self.url(&format!("/v1/session/renew/{id}"), &[])),
                 timeout,
             )
@@ -465,6 +499,11 @@ impl Client {
                 timeout,
             )
             .await?;
+        // The status first: Consul's error answers (a 500 "No cluster leader" during an election
+        // among its servers) carry no index, and their text is what the operator needs.
+        if status != StatusCode::OK && status != StatusCode::NOT_FOUND {
+            return Err(Self::unexpected(OP, status, &body));
+        }
         let index = headers
             .get("X-Consul-Index")
             .and_then(|v| v.to_str().ok())
@@ -472,16 +511,13 @@ impl Client {
             .map(ConsulIndex)
             .ok_or_else(|| ConsulError::Decode {
                 op: OP,
-                detail: "no X-Consul-Index header".into(),
+                detail: "no X-Consul-Index header in the answer; is this a Consul agent?".into(),
             })?;
-        match status {
-            StatusCode::NOT_FOUND => Ok((None, index)),
-            StatusCode::OK => {
-                let list: Vec<KvEntry> = decode(OP, &body)?;
-                Ok((list.into_iter().next(), index))
-            }
-            _ => Err(Self::unexpected(OP, status, &body)),
+        if status == StatusCode::NOT_FOUND {
+            return Ok((None, index));
         }
+        let list: Vec<KvEntry> = decode(OP, &body)?;
+        Ok((list.into_iter().next(), index))
     }
 
     async fn kv_lock_op(

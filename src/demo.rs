@@ -27,7 +27,7 @@ const KEY: &str = "demo/report";
 /// The job both hosts run: it says who it is and its fencing token, then works until stopped.
 const JOB: &str = r#"echo "report job: started, fencing token $CONSUL_LEADER_FENCING_TOKEN"
 trap 'echo "report job: stopping"; exit 0' TERM
-while :; do sleep 0.2 & wait $!; done"#;
+while :; do sleep 0.2 & wait $! 2>/dev/null; done"#;
 
 /// A line from one of the demo's processes.
 struct Line {
@@ -202,10 +202,12 @@ fn demo() -> Result<(), String> {
             KEY,
             "--ttl",
             "3s",
+            // Lock-delay and silence must cover the TTL (a cut-off leader keeps its command up
+            // to a TTL); a clean release skips both, so the handover is still immediate.
             "--lock-delay",
-            "1s",
+            "3s",
             "--silence",
-            "1s",
+            "3s",
             "--grace",
             "1s",
             "--shell",

@@ -11,6 +11,7 @@ mod dev_agent;
 mod docs;
 mod election;
 mod exit;
+mod lock;
 mod logging;
 mod notify;
 mod status;

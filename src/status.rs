@@ -23,6 +23,9 @@ struct Report {
     held: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     holder: Option<String>,
+    /// The holder's `--id`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     host: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -36,13 +39,18 @@ struct Report {
     /// When the holder acquired the lock (RFC 3339), when it says so in the value.
     #[serde(skip_serializing_if = "Option::is_none")]
     since: Option<String>,
-    /// The key's LockIndex: what the holder's child got as `CONSUL_LEADER_FENCING_TOKEN`.
+    /// The key's ModifyIndex: while held by consul-leader, the index of the holder's acquire,
+    /// which its child got as `CONSUL_LEADER_FENCING_TOKEN`.
     fencing_token: u64,
     /// For a free key: whether the last holder released cleanly (`None`: unknown).
     #[serde(skip_serializing_if = "Option::is_none")]
     released_clean: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     released_at: Option<String>,
+    /// For a key freed by a fault: the id of the holder that lost it, which contenders with a
+    /// `--priority-window` leave the key to for that window after they see it free.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    priority: Option<String>,
     /// Who wrote the key: `consul-leader`, `consul lock / api.Lock`, or `other`.
     written_by: &'static str,
     flags: u64,
@@ -114,6 +122,7 @@ fn describe(key: &str, entry: Option<&KvEntry>) -> Report {
         state: "absent",
         held: false,
         holder: None,
+        id: None,
         host: None,
         pid: None,
         session: None,
@@ -123,6 +132,7 @@ fn describe(key: &str, entry: Option<&KvEntry>) -> Report {
         fencing_token: 0,
         released_clean: None,
         released_at: None,
+        priority: None,
         written_by: "other",
         flags: 0,
         limit: None,
@@ -130,7 +140,7 @@ fn describe(key: &str, entry: Option<&KvEntry>) -> Report {
     };
     let Some(e) = entry else { return r };
     r.flags = e.flags;
-    r.fencing_token = e.lock_index;
+    r.fencing_token = e.modify_index;
     if e.flags == SEMAPHORE_FLAG_VALUE {
         r.state = "semaphore";
         r.written_by = "consul lock -n / api.Semaphore";
@@ -173,17 +183,23 @@ fn describe(key: &str, entry: Option<&KvEntry>) -> Report {
         // The value describes the holder only while its session is the one holding the key.
         Some(v) if r.held && e.session.as_deref() == Some(v.session.as_str()) => {
             r.holder = Some(v.holder);
+            r.id = v.id;
             r.host = Some(v.host);
             r.pid = Some(v.pid);
             r.since = Some(v.acquired_at);
         }
         Some(v) if !r.held => {
+            let clean = v.is_clean();
             r.holder = Some(v.holder);
             r.host = Some(v.host);
             r.pid = Some(v.pid);
             r.since = Some(v.acquired_at);
-            r.released_clean = Some(v.released.as_deref() == Some("clean"));
+            r.released_clean = Some(clean);
             r.released_at = v.released_at;
+            if !clean {
+                r.priority = v.id.clone();
+            }
+            r.id = v.id;
         }
         _ => {}
     }
@@ -241,6 +257,9 @@ fn render(r: &Report) -> String {
         if let Some(h) = &r.holder {
             line("holder", h);
         }
+        if let Some(id) = &r.id {
+            line("id", id);
+        }
         if let Some(s) = &r.session {
             line("session", s);
         }
@@ -260,6 +279,9 @@ fn render(r: &Report) -> String {
         if let Some(h) = &r.holder {
             line("last holder", h);
         }
+        if let Some(id) = &r.id {
+            line("id", id);
+        }
         let released = match (r.released_clean, &r.released_at) {
             (Some(true), Some(at)) => format!("cleanly, at {at}"),
             (Some(true), None) => "cleanly".to_string(),
@@ -269,6 +291,15 @@ fn render(r: &Report) -> String {
             (None, _) => "unknown (not written by consul-leader)".into(),
         };
         line("released", &released);
+        if let Some(id) = &r.priority {
+            line(
+                "priority",
+                &format!(
+                    "{id} (it lost the lock to a fault; contenders with --priority-window leave it the \
+                     key that long after they see it free)"
+                ),
+            );
+        }
     }
     line("fencing token", &r.fencing_token.to_string());
     line("written by", r.written_by);
@@ -277,8 +308,17 @@ fn render(r: &Report) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
     use crate::consul::SessionId;
+    use crate::election::Timing;
+
+    const TIMING: Timing = Timing {
+        ttl: Duration::from_secs(15),
+        lock_delay: Duration::from_secs(15),
+        silence: Duration::from_secs(15),
+    };
 
     fn entry(session: Option<&str>, lock_index: u64, flags: u64, value: &[u8]) -> KvEntry {
         KvEntry {
@@ -294,7 +334,13 @@ mod tests {
 
     #[test]
     fn held_by_consul_leader() {
-        let v = HolderValue::new("web1", &SessionId("s1".into()));
+        let v = HolderValue::new(
+            "web1",
+            "web1",
+            &SessionId("s1".into()),
+            &TIMING,
+            Duration::ZERO,
+        );
         let r = describe(
             "k",
             Some(&entry(Some("s1"), 4, LOCK_FLAG_VALUE, &v.to_bytes())),
@@ -302,14 +348,22 @@ mod tests {
         assert_eq!(r.state, "held");
         assert!(r.held);
         assert_eq!(r.host.as_deref(), Some("web1"));
-        assert_eq!(r.fencing_token, 4);
+        // The ModifyIndex of the acquire, not the LockIndex.
+        assert_eq!(r.fencing_token, 2);
         assert_eq!(r.written_by, "consul-leader");
         assert!(render(&r).contains("holder"));
     }
 
     #[test]
     fn free_after_clean_release() {
-        let v = HolderValue::new("web1", &SessionId("s1".into())).released_clean();
+        let v = HolderValue::new(
+            "web1",
+            "web1",
+            &SessionId("s1".into()),
+            &TIMING,
+            Duration::ZERO,
+        )
+        .released_clean();
         let r = describe("k", Some(&entry(None, 4, LOCK_FLAG_VALUE, &v.to_bytes())));
         assert_eq!(r.state, "free");
         assert_eq!(r.released_clean, Some(true));

@@ -41,6 +41,7 @@ use std::future::Future;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -135,6 +136,50 @@ impl SpawnError {
             _ => SpawnError::Other { program, source },
         }
     }
+}
+
+/// Checks, before any lock is taken, that [`Supervisor::spawn`] will find something to execute:
+/// the program at its path, or on `PATH` the way `execvp` searches it (a directory that denies
+/// us is remembered, the search goes on, and "permission denied" wins over "not found"), and
+/// that we may execute it; `/bin/sh` for `--shell`. What only `exec` can tell (a file that is
+/// not a program) is still found at spawn.
+pub fn check_command(argv: &[String], shell: bool) -> Result<(), SpawnError> {
+    let program = match (shell, argv.first()) {
+        (true, _) => "/bin/sh",
+        (false, Some(p)) => p.as_str(),
+        (false, None) => return Ok(()), // config refuses an empty command
+    };
+    let fail = |source: io::Error| SpawnError::from_io(program, source);
+    if program.contains('/') {
+        return may_execute(Path::new(program)).map_err(fail);
+    }
+    // glibc's execvp searches this when PATH is unset.
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/bin:/usr/bin".into());
+    let mut denied = None;
+    for dir in std::env::split_paths(&path) {
+        let dir = if dir.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            dir
+        };
+        match may_execute(&dir.join(program)) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EACCES) => denied = Some(e),
+            Err(_) => {}
+        }
+    }
+    Err(fail(denied.unwrap_or_else(|| {
+        io::Error::from_raw_os_error(libc::ENOENT)
+    })))
+}
+
+/// Whether `path` is a file we may execute, with the error `execve` would give.
+fn may_execute(path: &Path) -> io::Result<()> {
+    let meta = std::fs::metadata(path)?;
+    if meta.is_dir() {
+        return Err(io::Error::from_raw_os_error(libc::EACCES));
+    }
+    nix::unistd::access(path, nix::unistd::AccessFlags::X_OK).map_err(io::Error::from)
 }
 
 /// How the command ended.

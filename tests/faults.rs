@@ -32,7 +32,7 @@ async fn f1_blackholed_leader_fences_itself_before_its_session_can_expire() {
     let timing = Timing {
         ttl: "3s",
         lock_delay: "1s",
-        silence: "2s",
+        silence: "3s",
         grace: "1s",
     };
     let mut a = WrapperBuilder::new(&agent, &fx, &key, &timing)
@@ -97,8 +97,8 @@ async fn f1_blackholed_leader_fences_itself_before_its_session_can_expire() {
         .time_us;
     let poll_slack = 500_000;
     assert!(
-        b_start + poll_slack >= expired_at.get() + 2_000_000,
-        "B started {}us after A's session expired; silence is 2s",
+        b_start + poll_slack >= expired_at.get() + 3_000_000,
+        "B started {}us after A's session expired; silence is 3s",
         b_start as i64 - expired_at.get() as i64
     );
     let lives = lifetimes(&events, &deaths.ended());
@@ -175,7 +175,7 @@ async fn f3_server_errors_are_not_a_loss() {
     let timing = Timing {
         ttl: "6s",
         lock_delay: "3s",
-        silence: "3s",
+        silence: "6s",
         grace: "1s",
     };
     let mut w = WrapperBuilder::new(&agent, &fx, &key, &timing)

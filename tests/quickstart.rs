@@ -59,17 +59,28 @@ fn the_demo_shows_a_leader_a_standby_and_a_handover_and_cleans_up() {
     assert_eq!(out.status.code(), Some(0), "{report}");
     assert!(start.elapsed() < DEADLINE, "{report}");
 
-    // In this order: alice leads, bob waits, alice releases, bob leads with a higher token.
+    // In this order: alice leads, bob waits, alice releases, bob leads, with a higher token.
     let steps = [
-        "[alice]   report job: started, fencing token 1",
+        "[alice]   report job: started, fencing token ",
         "[bob]     ",
         "waiting for the lock on demo/report",
         "[alice]   report job: stopping",
         "released the lock on demo/report",
-        "[bob]     report job: started, fencing token 2",
+        "[bob]     report job: started, fencing token ",
         "[bob]     report job: stopping",
         "==> done.",
     ];
+    let token = |who: &str| -> u64 {
+        let prefix = format!("[{who}]");
+        stdout
+            .lines()
+            .filter(|l| l.starts_with(&prefix))
+            .find_map(|l| l.split("report job: started, fencing token ").nth(1))
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no fencing token for {who}\n{report}"))
+    };
+    assert!(token("bob") > token("alice"), "{report}");
+    assert!(!stdout.contains("Terminated"), "{report}");
     let mut rest: &str = &stdout;
     for step in steps {
         let at = rest

@@ -6,7 +6,7 @@ mod common;
 use std::process::{Command, Output};
 
 use common::leader::{
-    DEADLINE, Fixture, LOCK_FLAGS, WrapperBuilder, acquire_as_lock, agent, lock_state,
+    DEADLINE, Fixture, LOCK_FLAGS, WrapperBuilder, acquire_as_lock, agent, lock_state, modify_index,
 };
 use common::{DevAgent, bin_path};
 use nix::sys::signal::Signal;
@@ -53,7 +53,8 @@ async fn status_follows_a_key_through_its_life() {
     fx.wait_journal("the child started", |ev| {
         ev.iter().any(|e| e.is_main_start())
     });
-    let (session, lock_index, _) = lock_state(&agent, "life").await.unwrap();
+    let (session, _, _) = lock_state(&agent, "life").await.unwrap();
+    let token = modify_index(&agent, "life").await.unwrap();
     let o = status(&agent, &key, false);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let t = text(&o);
@@ -66,7 +67,7 @@ async fn status_follows_a_key_through_its_life() {
     assert_eq!(j["held"], true);
     assert_eq!(j["session"], session.clone().unwrap());
     assert_eq!(j["pid"], w.pid());
-    assert_eq!(j["fencing_token"], lock_index);
+    assert_eq!(j["fencing_token"], token, "the acquire's ModifyIndex");
     assert_eq!(j["written_by"], "consul-leader");
     assert!(j["since"].as_str().is_some_and(|s| s.ends_with('Z')), "{j}");
     assert!(j["node"].is_string(), "{j}");

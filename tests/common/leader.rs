@@ -31,11 +31,12 @@ pub struct Timing {
     pub grace: &'static str,
 }
 
-/// Short timings for a local dev agent whose session TTL minimum is lowered to 1s.
+/// Short timings for a local dev agent whose session TTL minimum is lowered to 1s. The silence
+/// covers the TTL, as the wrapper demands (max(lock-delay, silence) >= TTL).
 pub const SHORT: Timing = Timing {
     ttl: "3s",
     lock_delay: "1s",
-    silence: "1s",
+    silence: "3s",
     grace: "1s",
 };
 
@@ -45,7 +46,7 @@ pub fn agent() -> (DevAgent, Timing) {
         let timing = Timing {
             ttl: "10s",
             lock_delay: "2s",
-            silence: "2s",
+            silence: "10s",
             grace: "1s",
         };
         (DevAgent::start(), timing)
@@ -510,4 +511,43 @@ pub async fn acquire_as_lock(agent: &DevAgent, name: &str, session: &str, value:
         agent.kv_path(name)
     );
     agent.put(&path, value.to_vec()).await.expect_bool()
+}
+
+/// Leaves key `name` free and released clean, as a consul-leader holder that confirmed its child
+/// gone leaves it, so that the next wrapper owes no wait. Tests whose subject is not the first
+/// run of a brand-new key use it: a missing key owes max(silence, TTL), since nothing tells
+/// whether an old holder's child still runs.
+pub async fn clean_key(agent: &DevAgent, name: &str) {
+    let session = agent
+        .create_session(serde_json::json!({
+            "Name": agent.name("clean-key"),
+            "TTL": "30s",
+            "LockDelay": "0s",
+        }))
+        .await;
+    let value = serde_json::json!({
+        "holder": "test-harness:0",
+        "host": "test-harness",
+        "pid": 0,
+        "session": session,
+        "acquired_at": "1970-01-01T00:00:00Z",
+        "version": "test",
+        "released": "clean",
+    })
+    .to_string();
+    assert!(
+        acquire_as_lock(agent, name, &session, value.as_bytes()).await,
+        "acquire {name} to mark it clean"
+    );
+    let path = format!(
+        "{}?release={session}&flags={LOCK_FLAGS}",
+        agent.kv_path(name)
+    );
+    assert!(agent.put(&path, value.into_bytes()).await.expect_bool());
+    agent.destroy_session(&session).await;
+}
+
+/// The key's ModifyIndex: while a wrapper holds it, its child's fencing token.
+pub async fn modify_index(agent: &DevAgent, name: &str) -> Option<u64> {
+    agent.kv_entry(name).await?["ModifyIndex"].as_u64()
 }
