@@ -479,7 +479,12 @@ impl Leader {
         }
         let why = loop {
             tokio::select! {
-                status = self.supervisor.wait() => break Why::Exited(status),
+                status = self.supervisor.wait() => break match self.supervisor.fenced() {
+                    // The keeper stopped the command at the fence: leadership is over, whatever
+                    // a late renew says now.
+                    Some(reason) => Why::Lost(reason.into()),
+                    None => Why::Exited(status),
+                },
                 ended = lost(&mut lost_rx, &mut renewals, &cfg) => match ended {
                     Ok(reason) => break Why::Lost(reason),
                     // Each renew moves the fence: the supervisor's keeper enforces it too.
@@ -585,6 +590,7 @@ impl Leader {
             .iter()
             .map(|s| s.to_string())
             .collect(),
+            stop_signal: self.cfg.stop_signal,
         }
     }
 
