@@ -139,7 +139,8 @@ async fn sigstopped_wrapper_cannot_keep_its_child_past_the_fence() {
 }
 
 /// The wrapper's own timer and the keeper's fire at the same fence (a black-holed leader): the
-/// child gets the stop signal once, not once from each.
+/// child gets the stop signal once, not once from each. (Not a fault of the old code, which had
+/// one timer: it pins that the keeper's second one adds no second stop signal.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fenced_child_gets_the_stop_signal_once() {
     let Some(agent) = local_agent() else { return };
@@ -200,38 +201,39 @@ async fn sigkilled_wrapper_leaves_nothing(cgroup: bool) {
     // Everything that carries the marker but the wrappers: the keeper, the command, the three
     // grandchildren.
     let tree = fx.live();
-    assert_eq!(
-        tree.len(),
-        5,
-        "keeper, child, three grandchildren: {tree:?}"
-    );
+    // How the tree is held, checked after the fault itself (so that the old code fails on what
+    // matters, not on its different shape).
+    let mut shape = Vec::new();
+    if tree.len() != 5 {
+        shape.push(format!(
+            "keeper, child, three grandchildren expected: {tree:?}"
+        ));
+    }
     let keeper = parent(a_child).unwrap();
-    assert_eq!(
-        parent(keeper),
-        Some(a.pid()),
-        "the wrapper starts the keeper"
-    );
+    if parent(keeper) != Some(a.pid()) {
+        shape.push("the wrapper is not the keeper's parent".to_owned());
+    }
     for pid in &tree {
-        assert!(
-            *pid == keeper || is_below(*pid, keeper),
-            "{pid} is not in the keeper's subtree: daemons re-parent to the keeper"
-        );
+        if *pid != keeper && !is_below(*pid, keeper) {
+            shape.push(format!("{pid} is not in the keeper's subtree"));
+        }
     }
     let own_cgroup = format!("/consul-leader-{keeper}");
     match (cgroup, cgroup_available()) {
         (true, Ok(())) => {
             for pid in tree.iter().filter(|p| **p != keeper) {
                 let cg = cgroup_of(*pid).unwrap_or_default();
-                assert!(cg.ends_with(&own_cgroup), "{pid} is in cgroup {cg}");
+                if !cg.ends_with(&own_cgroup) {
+                    shape.push(format!("{pid} is in cgroup {cg}"));
+                }
             }
         }
         (true, Err(why)) => eprintln!("SKIPPED the cgroup check: {why}"),
         (false, _) => {
             let cg = cgroup_of(a_child).unwrap_or_default();
-            assert!(
-                !cg.contains("/consul-leader-"),
-                "in cgroup {cg} with {CGROUP_ENV}=off"
-            );
+            if cg.contains("/consul-leader-") {
+                shape.push(format!("in cgroup {cg} with {CGROUP_ENV}=off"));
+            }
         }
     }
     let mut b = leader(false);
@@ -262,6 +264,7 @@ async fn sigkilled_wrapper_leaves_nothing(cgroup: bool) {
             "the {role} grandchild was asked to stop first: {events:?}"
         );
     }
+    assert!(shape.is_empty(), "{shape:#?}");
     if cgroup {
         let gone = wait_for_path_gone(&own_cgroup);
         assert!(gone, "the command's cgroup {own_cgroup} was not removed");
