@@ -410,6 +410,13 @@ fn spawn_command(
     max_signal: c_int,
     cgroup: Option<&Cgroup>,
 ) -> io::Result<Pid> {
+    if let Some(cg) = cgroup.filter(|_| !force_migration()) {
+        match spawn_into_cgroup(cfg, me, max_signal, cg.dir_fd()) {
+            Ok(pid) => return Ok(pid),
+            Err(Some(err)) => return Err(err),
+            Err(None) => {} // clone3 refused here: move the command in instead
+        }
+    }
     let mut command = Command::new(&cfg.program);
     command.args(&cfg.args);
     for name in &cfg.env_remove {
@@ -430,6 +437,240 @@ fn spawn_command(
     let child = command.spawn()?;
     // `std::process::Child` does not wait on drop; the keeper reaps with waitid/waitpid.
     Ok(Pid::from_raw(child.id() as i32))
+}
+
+/// The kernel's `struct clone_args` (the layout of version 2, which added `cgroup`).
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+/// Linux 5.7; every kernel with `cgroup.kill` (5.14) has it.
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// Starts the command created straight into the cgroup (`clone3` with `CLONE_INTO_CGROUP`, what
+/// systemd does), which spares the migration's wait for an RCU grace period (see
+/// `Cgroup::procs_fd`). `std::process::Command` cannot do that, so this is the small part of it
+/// that we need: the same environment, the same `PATH` search as `execvp` (`ENOEXEC` runs the file
+/// with `/bin/sh`), the same errors. `Err(None)`: `clone3` is refused here (an old kernel, a
+/// seccomp profile that answers `ENOSYS`, a cgroup that takes no processes), so the caller falls
+/// back to `Command` and a migration.
+pub(crate) fn spawn_into_cgroup(
+    cfg: &Config,
+    me: Pid,
+    max_signal: c_int,
+    cgroup: RawFd,
+) -> Result<Pid, Option<io::Error>> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStringExt;
+
+    let invalid = || {
+        Some(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "nul byte in the command",
+        ))
+    };
+    // Everything the child needs is built here: between clone3 and exec it may not allocate.
+    let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
+        .filter(|(name, _)| !cfg.env_remove.iter().any(|r| name == r.as_str()))
+        .filter(|(name, _)| !cfg.env_set.iter().any(|(k, _)| name == k.as_str()))
+        .collect();
+    env.extend(cfg.env_set.iter().map(|(k, v)| (k.into(), v.into())));
+    let path = env
+        .iter()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v.clone());
+    let envp: Vec<CString> = env
+        .into_iter()
+        .map(|(mut k, v)| {
+            k.push("=");
+            k.push(v);
+            CString::new(k.into_vec())
+        })
+        .collect::<Result<_, _>>()
+        .map_err(|_| invalid())?;
+    let argv: Vec<CString> = std::iter::once(&cfg.program)
+        .chain(&cfg.args)
+        .map(|a| CString::new(a.as_bytes()))
+        .collect::<Result<_, _>>()
+        .map_err(|_| invalid())?;
+    let candidates = exec_candidates(&cfg.program, path.as_deref())
+        .into_iter()
+        .map(|c| CString::new(c.into_vec()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| invalid())?;
+    let ptrs = |v: &[CString]| -> Vec<*const libc::c_char> {
+        v.iter()
+            .map(|c| c.as_ptr())
+            .chain(std::iter::once(std::ptr::null()))
+            .collect()
+    };
+    let (argv_p, envp_p) = (ptrs(&argv), ptrs(&envp));
+    // For ENOEXEC: `/bin/sh <file> args...`; the file goes into slot 1 in the child.
+    let sh = c"/bin/sh";
+    let mut sh_argv_p: Vec<*const libc::c_char> = vec![sh.as_ptr(), std::ptr::null()];
+    sh_argv_p.extend(&argv_p[1..]);
+    let (report_r, report_w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| Some(e.into()))?;
+
+    let args = CloneArgs {
+        flags: CLONE_INTO_CGROUP,
+        exit_signal: libc::SIGCHLD as u64,
+        cgroup: cgroup as u64,
+        ..CloneArgs::default()
+    };
+    // SAFETY: without CLONE_VM, clone3 is a fork: the child gets a copy of this (single-threaded)
+    // process and returns 0 here, on its own copy of the stack. The child runs `exec_child`,
+    // which makes only async-signal-safe system calls on memory prepared above and never returns.
+    let pid = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &args as *const CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    if pid == 0 {
+        let child = ExecChild {
+            parent: me,
+            max_signal,
+            foreground: cfg.foreground,
+            report: report_w.as_raw_fd(),
+            candidates: &candidates,
+            argv: &argv_p,
+            envp: &envp_p,
+        };
+        // SAFETY: as above; `sh_argv_p` is this copy's own.
+        unsafe { child.run(&mut sh_argv_p) }
+    }
+    if pid < 0 {
+        let err = io::Error::last_os_error();
+        return match err.raw_os_error() {
+            Some(
+                libc::ENOSYS
+                | libc::EINVAL
+                | libc::E2BIG
+                | libc::EPERM
+                | libc::EACCES
+                | libc::EBUSY
+                | libc::EOPNOTSUPP,
+            ) => Err(None),
+            _ => Err(Some(err)),
+        };
+    }
+    drop(report_w);
+    let pid = Pid::from_raw(pid as i32);
+    // Nothing to read means the exec closed the pipe: the command runs.
+    let mut errno = [0u8; 4];
+    let mut got = 0;
+    let mut report = std::fs::File::from(report_r);
+    while got < errno.len() {
+        match report.read(&mut errno[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    if got == 0 {
+        return Ok(pid);
+    }
+    let _ = nix::sys::wait::waitpid(pid, None);
+    Err(Some(io::Error::from_raw_os_error(i32::from_ne_bytes(
+        errno,
+    ))))
+}
+
+/// The paths `execvp` would try for `program`, in order: the program itself when it names a
+/// path, else each directory of `PATH` (an empty entry is the current directory; no `PATH` is
+/// glibc's default, `/bin:/usr/bin`).
+fn exec_candidates(program: &str, path: Option<&std::ffi::OsStr>) -> Vec<OsString> {
+    use std::os::unix::ffi::OsStrExt;
+    if program.is_empty() || program.contains('/') {
+        return vec![program.into()];
+    }
+    let path = path.map_or(&b"/bin:/usr/bin"[..], |p| p.as_bytes());
+    path.split(|b| *b == b':')
+        .map(|dir| {
+            let dir = if dir.is_empty() { &b"."[..] } else { dir };
+            let mut full = dir.to_vec();
+            full.push(b'/');
+            full.extend_from_slice(program.as_bytes());
+            std::os::unix::ffi::OsStringExt::from_vec(full)
+        })
+        .collect()
+}
+
+/// The command's side of [`spawn_into_cgroup`], between `clone3` and `exec`.
+struct ExecChild<'a> {
+    parent: Pid,
+    max_signal: c_int,
+    foreground: bool,
+    /// Close-on-exec: an exec closes it unwritten; a failure writes its errno.
+    report: RawFd,
+    candidates: &'a [std::ffi::CString],
+    argv: &'a [*const libc::c_char],
+    envp: &'a [*const libc::c_char],
+}
+
+impl ExecChild<'_> {
+    /// # Safety
+    ///
+    /// Only in the child of `clone3`: it makes only async-signal-safe system calls on memory that
+    /// was prepared before the clone, and ends in `exec` or `_exit`.
+    unsafe fn run(&self, sh_argv: &mut [*const libc::c_char]) -> ! {
+        // SAFETY: setpgid on ourselves, no memory involved.
+        if unsafe { libc::setpgid(0, 0) } != 0 {
+            self.fail(Errno::last_raw());
+        }
+        if let Err(err) = before_exec(self.parent, self.max_signal, None, self.foreground) {
+            self.fail(err.raw_os_error().unwrap_or(libc::EIO));
+        }
+        let mut failure = libc::ENOENT;
+        let mut denied = false;
+        for candidate in self.candidates {
+            // SAFETY: NUL-terminated strings and null-terminated pointer arrays built before the
+            // clone, alive in this copy of the memory.
+            unsafe { libc::execve(candidate.as_ptr(), self.argv.as_ptr(), self.envp.as_ptr()) };
+            failure = Errno::last_raw();
+            match failure {
+                libc::ENOEXEC => {
+                    // What execvp does with a file that has no `#!`: run it with the shell.
+                    sh_argv[1] = candidate.as_ptr();
+                    // SAFETY: as above.
+                    unsafe { libc::execve(sh_argv[0], sh_argv.as_ptr(), self.envp.as_ptr()) };
+                    failure = Errno::last_raw();
+                    break;
+                }
+                libc::EACCES => denied = true,
+                libc::ENOENT | libc::ENOTDIR | libc::ESTALE | libc::ENODEV | libc::ETIMEDOUT => {}
+                _ => break,
+            }
+        }
+        if denied && matches!(failure, libc::ENOENT | libc::ENOTDIR) {
+            failure = libc::EACCES;
+        }
+        self.fail(failure)
+    }
+
+    fn fail(&self, errno: c_int) -> ! {
+        let bytes = errno.to_ne_bytes();
+        // SAFETY: write from a local buffer, then _exit without running any exit handlers.
+        unsafe {
+            libc::write(self.report, bytes.as_ptr().cast(), bytes.len());
+            libc::_exit(127)
+        }
+    }
 }
 
 /// Runs in the command's process between fork and exec (std has already made it the leader of
@@ -792,9 +1033,24 @@ fn raw_status(code: c_int, status: c_int) -> i32 {
     }
 }
 
+/// Whether to move the command into its cgroup although `clone3` would work: only a unit test
+/// asks, to test the fallback.
+fn force_migration() -> bool {
+    #[cfg(test)]
+    return tests::FORCE_MIGRATION.load(std::sync::atomic::Ordering::SeqCst);
+    #[cfg(not(test))]
+    false
+}
+
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
+    use std::sync::atomic::AtomicBool;
+
     use super::*;
+
+    /// Set by a unit test to take the fallback (migration) path; the keeper, forked in the unit
+    /// tests, sees the value the test set.
+    pub static FORCE_MIGRATION: AtomicBool = AtomicBool::new(false);
 
     #[test]
     fn frames_round_trip() {
@@ -830,6 +1086,21 @@ mod tests {
         }
         assert_eq!(ToKeeper::decode(&[0u8; FRAME]), None);
         assert_eq!(FromKeeper::decode(&[9u8; FRAME]), None);
+    }
+
+    #[test]
+    fn exec_candidates_follow_execvp() {
+        let path = Some(std::ffi::OsStr::new("/usr/local/bin::/bin"));
+        let got = |p: &str, path| -> Vec<String> {
+            exec_candidates(p, path)
+                .into_iter()
+                .map(|c| c.into_string().unwrap())
+                .collect()
+        };
+        assert_eq!(got("ls", path), ["/usr/local/bin/ls", "./ls", "/bin/ls"]);
+        assert_eq!(got("./run.sh", path), ["./run.sh"]);
+        assert_eq!(got("/bin/true", None), ["/bin/true"]);
+        assert_eq!(got("ls", None), ["/bin/ls", "/usr/bin/ls"]);
     }
 
     #[test]

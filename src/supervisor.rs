@@ -624,8 +624,11 @@ impl Supervisor {
         }
         // The keeper exits right after its last report.
         let deadline = Instant::now() + Duration::from_secs(5);
-        while self.child.as_ref().is_some_and(|run| !run.keeper.reaped) {
+        loop {
             self.reap();
+            if self.child.as_ref().is_none_or(|run| run.keeper.reaped) {
+                break;
+            }
             if Instant::now() >= deadline {
                 if let Some(run) = &self.child {
                     // Our unreaped child: the pid is still ours to signal.
@@ -644,23 +647,25 @@ impl Supervisor {
     /// below it re-parented to us. SIGKILL through the cgroup and to every process under our
     /// children outside our own group, until none is left.
     async fn kill_what_the_keeper_left(&mut self) -> bool {
-        let cgroup_kill = self
-            .child
-            .as_ref()
-            .and_then(|run| run.cgroup.as_ref())
-            .map(|dir| dir.join("cgroup.kill"));
+        let cgroup = self.child.as_ref().and_then(|run| run.cgroup.clone());
         let mut killed = false;
         let mut warn_at = Instant::now() + STUCK_WARNING_EVERY;
         loop {
             self.reap();
-            if let Some(file) = &cgroup_kill {
-                let _ = std::fs::write(file, "1");
-            }
             let left = self.own_leftovers();
-            if left.is_empty() {
+            let populated = cgroup.as_ref().is_some_and(|dir| {
+                std::fs::read_to_string(dir.join("cgroup.events"))
+                    .ok()
+                    .and_then(|text| cgroup::parse_populated(&text))
+                    .unwrap_or(false)
+            });
+            if left.is_empty() && !populated {
                 return killed;
             }
             killed = true;
+            if let Some(dir) = &cgroup {
+                let _ = std::fs::write(dir.join("cgroup.kill"), "1");
+            }
             for pid in &left {
                 // Found just now, with no reaping since (keeper's module docs).
                 let _ = signal::kill(*pid, Signal::SIGKILL);
@@ -1947,6 +1952,125 @@ mod tests {
             !Path::new(&format!("/proc/{keeper}")).exists(),
             "keeper not reaped"
         );
+    }
+
+    /// The cgroup the placement gives a command on this machine, or `None` (after a note).
+    fn cgroup_parent(sup: &Supervisor, test: &str) -> Option<PathBuf> {
+        match &sup.placement {
+            Placement::Under(dir) => Some(dir.clone()),
+            Placement::Nowhere(why) => {
+                eprintln!("SKIPPED {test}: no cgroup for commands here ({why})");
+                None
+            }
+        }
+    }
+
+    fn cgroup_path_of(pid: i32) -> String {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+        crate::cgroup::own_cgroup_v2(&text).unwrap()
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn command_is_created_in_its_cgroup() {
+        let _serial = SERIAL.lock().await;
+        let env = TestEnv::new("clone3");
+        let mut sup = Supervisor::new().unwrap();
+        let Some(_) = cgroup_parent(&sup, "command_is_created_in_its_cgroup") else {
+            return;
+        };
+        let spec = env.child(&[("CL_CHILD_GRANDCHILDREN", "setsid daemon")]);
+        let pid = sup.spawn(&spec, far_fence()).unwrap() as i32;
+        env.started().await;
+        let keeper = sup.keeper_pid().unwrap();
+        let name = format!("/{}", keeper::cgroup_name(keeper));
+        for p in env.alive().into_iter().filter(|p| *p != keeper.as_raw()) {
+            assert!(
+                cgroup_path_of(p).ends_with(&name),
+                "{p}: {}",
+                cgroup_path_of(p)
+            );
+        }
+        assert!(cgroup_path_of(pid).ends_with(&name));
+        let grace = Duration::from_millis(200);
+        within("stop", sup.stop(Signal::SIGTERM, grace, never())).await;
+        assert!(env.alive().is_empty(), "left behind: {:?}", env.alive());
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn command_is_moved_into_its_cgroup_where_clone3_is_refused() {
+        let _serial = SERIAL.lock().await;
+        let env = TestEnv::new("migrate");
+        let mut sup = Supervisor::new().unwrap();
+        let Some(_) = cgroup_parent(&sup, "command_is_moved_into_its_cgroup") else {
+            return;
+        };
+        keeper::tests::FORCE_MIGRATION.store(true, std::sync::atomic::Ordering::SeqCst);
+        let spawned = sup.spawn(
+            &env.child(&[("CL_CHILD_GRANDCHILDREN", "setsid")]),
+            far_fence(),
+        );
+        keeper::tests::FORCE_MIGRATION.store(false, std::sync::atomic::Ordering::SeqCst);
+        let pid = spawned.unwrap() as i32;
+        env.started().await;
+        let keeper = sup.keeper_pid().unwrap();
+        let name = format!("/{}", keeper::cgroup_name(keeper));
+        for p in env.alive().into_iter().filter(|p| *p != keeper.as_raw()) {
+            assert!(
+                cgroup_path_of(p).ends_with(&name),
+                "{p}: {}",
+                cgroup_path_of(p)
+            );
+        }
+        assert!(cgroup_path_of(pid).ends_with(&name));
+        let grace = Duration::from_millis(200);
+        within("stop", sup.stop(Signal::SIGTERM, grace, never())).await;
+        assert!(env.alive().is_empty(), "left behind: {:?}", env.alive());
+    }
+
+    /// `clone3` reports the same errors as `Command` (and execvp): what decides 126 and 127.
+    #[tokio::test(flavor = "current_thread")]
+    async fn clone3_spawn_reports_exec_errors_as_execvp_does() {
+        let _serial = SERIAL.lock().await;
+        let env = TestEnv::new("clone3-errors");
+        let sup = Supervisor::new().unwrap();
+        let Some(parent) = cgroup_parent(&sup, "clone3_spawn_reports_exec_errors") else {
+            return;
+        };
+        let cg = crate::cgroup::Cgroup::create(&parent, &format!("{}-test", env.marker)).unwrap();
+        let me = nix::unistd::getpid();
+        let spawn = |program: &str| {
+            let cfg = keeper::Config {
+                program: program.to_owned(),
+                args: vec![],
+                env_set: vec![],
+                env_remove: vec![],
+                stop_signal: libc::SIGTERM,
+                stop_at_ns: 0,
+                gone_by_ns: 0,
+                cgroup_parent: None,
+                foreground: false,
+            };
+            keeper::spawn_into_cgroup(&cfg, me, libc::SIGRTMAX(), cg.dir_fd())
+        };
+        let errno = |r: Result<Pid, Option<io::Error>>| r.unwrap_err().unwrap().raw_os_error();
+        assert_eq!(
+            errno(spawn("consul-leader-test-no-such-command")),
+            Some(libc::ENOENT)
+        );
+        let script = env.dir.join("script");
+        std::fs::write(&script, "exit 3\n").unwrap(); // no #!: execvp runs it with /bin/sh
+        assert_eq!(errno(spawn(script.to_str().unwrap())), Some(libc::EACCES));
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let pid = spawn(script.to_str().unwrap()).unwrap();
+        let status = nix::sys::wait::waitpid(pid, None).unwrap();
+        assert_eq!(status, nix::sys::wait::WaitStatus::Exited(pid, 3));
+        let pid = spawn("true").unwrap(); // found on PATH
+        assert_eq!(
+            nix::sys::wait::waitpid(pid, None).unwrap(),
+            nix::sys::wait::WaitStatus::Exited(pid, 0)
+        );
+        cg.remove();
     }
 
     #[test]
