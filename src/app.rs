@@ -511,7 +511,12 @@ impl<P: Protocol> Leader<P> {
         }
         let why = loop {
             tokio::select! {
-                status = self.supervisor.wait() => break Why::Exited(status),
+                status = self.supervisor.wait() => break match self.supervisor.fenced() {
+                    // The keeper stopped the command at the fence: leadership is over, whatever
+                    // a late renew says now.
+                    Some(reason) => Why::Ended(Verdict::Lost(reason.into())),
+                    None => Why::Exited(status),
+                },
                 ended = ended(verdicts, renewals, &cfg) => match ended {
                     Ok(verdict) => break Why::Ended(verdict),
                     // Each renew moves the fence: the supervisor's keeper enforces it too.
@@ -652,6 +657,7 @@ impl<P: Protocol> Leader<P> {
             .iter()
             .map(|s| s.to_string())
             .collect(),
+            stop_signal: self.cfg.stop_signal,
         }
     }
 }

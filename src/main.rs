@@ -2,6 +2,7 @@
 //! code. Each subcommand builds the runtime it needs.
 
 mod app;
+mod cgroup;
 mod cli;
 mod clock;
 mod config;
@@ -11,9 +12,11 @@ mod dev_agent;
 mod docs;
 mod election;
 mod exit;
+mod keeper;
 mod lock;
 mod logging;
 mod notify;
+mod proctree;
 mod status;
 mod supervisor;
 mod wire;
@@ -23,6 +26,11 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    // `run` re-executes this binary as the keeper of its command (see `keeper`), before any
+    // command-line parsing.
+    if let Some(code) = keeper::main_if_keeper() {
+        return code;
+    }
     let cli = cli::Cli::parse();
     match cli.command {
         cli::Command::Run(args) => app::main(args),

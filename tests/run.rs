@@ -98,11 +98,11 @@ async fn t2_three_contenders_hand_over_cleanly_one_at_a_time() {
             round as u64 + 1,
             "each new holder bumps LockIndex"
         );
-        // Find the leading wrapper (the parent of the running child) and stop it.
+        // Find the leading wrapper (the parent of the child's keeper) and stop it.
         let child_pid = starts.last().unwrap().pid;
         let leader = wrappers
             .iter()
-            .position(|w| parent(child_pid) == Some(w.pid()))
+            .position(|w| parent(child_pid).and_then(parent) == Some(w.pid()))
             .unwrap_or_else(|| panic!("no wrapper is the parent of child {child_pid}"));
         let mut w = wrappers.remove(leader);
         w.signal(Signal::SIGTERM);

@@ -273,6 +273,13 @@ pub fn parent(pid: u32) -> Option<u32> {
     rest.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// The state letter of `pid` (`R`, `S`, `T` for stopped, `Z`...), from `/proc/<pid>/stat`.
+pub fn state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.trim_start().chars().next()
+}
+
 fn is_zombie(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
@@ -360,6 +367,12 @@ impl<'a> WrapperBuilder<'a> {
     }
 
     pub fn spawn(self) -> Proc {
+        Proc::spawn(self.into_command())
+    }
+
+    /// The wrapper's command line and environment, to spawn with settings of the caller's own
+    /// (a controlling terminal, say).
+    pub fn into_command(self) -> Command {
         let mut cmd = Command::new(bin_path());
         cmd.arg("run")
             .arg("--key")
@@ -384,7 +397,7 @@ impl<'a> WrapperBuilder<'a> {
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
-        Proc::spawn(cmd)
+        cmd
     }
 }
 
