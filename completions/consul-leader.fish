@@ -59,7 +59,7 @@ on-failure\t'Restart after a non-zero exit or a death by signal'
 always\t'Restart after any exit'"
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l restart-delay -d 'First pause before a restart; it doubles with each restart in a row, up to 1 minute (or this value, if larger)' -r
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l restart-limit -d 'At most N starts of the command within PERIOD (e.g. 5/10m); past it, step down: stop, release the lock clean so another host can take over, and exit with the command\'s last exit code' -r
-complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l forward-signals -d 'Signals forwarded to the command\'s process group instead of being acted on, comma separated: any of HUP, QUIT, USR1, USR2, WINCH, ALRM. TERM and INT always stop the command; HUP and QUIT do unless forwarded' -r
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l forward-signals -d 'Signals forwarded to the command\'s process group instead of being acted on, comma separated: any of HUP, QUIT, USR1, USR2, WINCH, ALRM. TERM and INT always stop the command; HUP and QUIT do unless forwarded. Default: USR1,USR2,WINCH, less the --stop-signal' -r
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l name -d 'Session name shown in Consul (default: consul-leader <key> on <host> pid <pid>)' -r
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l log-format -d 'Log line format on stderr' -r -f -a "text\t''
 json\t''"

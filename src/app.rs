@@ -476,17 +476,43 @@ impl<P: Protocol> Leader<P> {
             self.lock.release(term, won, true).await;
             return Err(TermEnd::Done(Outcome::Signal(sig)));
         }
-        // Nor may a child start when the session cannot be trusted any more.
-        let r = renewals.borrow().clone();
-        let fence = Fence::after_renew(r.last_ok_sent, cfg.ttl, cfg.grace);
-        if let Some(end) = r.end {
-            return Err(self.end_without_child(term, won, verdict_of(end)).await);
-        }
-        if fence.stop_at.has_passed() {
-            let reason = "the session could not be renewed before the command was to start";
-            error!("lost leadership on {}: {reason}", cfg.key);
-            return Err(TermEnd::Lost(reason.into(), None));
-        }
+        // Nor may a child start past the fence. A session that could not be renewed lately (a
+        // Consul election, a slow agent) is not lost for that: wait for a renew to succeed, or
+        // for the renewer to learn that the session is gone.
+        let mut announced = false;
+        let fence = loop {
+            let r = renewals.borrow_and_update().clone();
+            if let Some(end) = r.end {
+                return Err(self.end_without_child(term, won, verdict_of(end)).await);
+            }
+            let fence = Fence::after_renew(r.last_ok_sent, cfg.ttl, cfg.grace);
+            if !fence.stop_at.has_passed() {
+                break fence;
+            }
+            if !announced {
+                warn!(
+                    "the session has not been renewed lately; the command starts once a renew succeeds"
+                );
+                announced = true;
+            }
+            tokio::select! {
+                changed = renewals.changed() => {
+                    if changed.is_err() && renewals.borrow().end.is_none() {
+                        let reason = "the session could not be renewed before the command was to start";
+                        error!("lost leadership on {}: {reason}", cfg.key);
+                        return Err(TermEnd::Lost(reason.into(), None));
+                    }
+                }
+                verdict = verdicts.recv() => {
+                    let verdict = verdict.unwrap_or_else(|| Verdict::Lost("the key watcher stopped".into()));
+                    return Err(self.end_without_child(term, won, verdict).await);
+                }
+                sig = self.signals.next_stop() => {
+                    self.lock.release(term, won, true).await;
+                    return Err(TermEnd::Done(Outcome::Signal(sig)));
+                }
+            }
+        };
         let spec = self.child_spec(&term.id(), won.fencing_token());
         let pid = match self.supervisor.spawn(&spec, fence) {
             Ok(pid) => pid,

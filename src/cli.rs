@@ -228,9 +228,10 @@ pub struct RunArgs {
 
     /// Signals forwarded to the command's process group instead of being acted on, comma
     /// separated: any of HUP, QUIT, USR1, USR2, WINCH, ALRM. TERM and INT always stop the
-    /// command; HUP and QUIT do unless forwarded.
-    #[arg(long, value_name = "SIGNALS", default_value = "USR1,USR2,WINCH")]
-    pub forward_signals: String,
+    /// command; HUP and QUIT do unless forwarded. Default: USR1,USR2,WINCH, less the
+    /// --stop-signal.
+    #[arg(long, value_name = "SIGNALS")]
+    pub forward_signals: Option<String>,
 
     /// Session name shown in Consul (default: consul-leader <key> on <host> pid <pid>).
     #[arg(long, value_name = "NAME")]

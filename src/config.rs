@@ -546,7 +546,14 @@ impl RunConfig {
         };
         at_most("--priority-window", args.priority_window, MAX_TTL, "")?;
         let restart = parse_restart(args)?;
-        let forward_signals = parse_forward_signals(&args.forward_signals, stop_signal)?;
+        let forward_signals = match &args.forward_signals {
+            Some(list) => parse_forward_signals(list, stop_signal)?,
+            // The default gives way to a --stop-signal among them (httpd stops on WINCH).
+            None => [Signal::SIGUSR1, Signal::SIGUSR2, Signal::SIGWINCH]
+                .into_iter()
+                .filter(|s| *s != stop_signal)
+                .collect(),
+        };
         let stop_signals = [
             Signal::SIGTERM,
             Signal::SIGINT,
@@ -885,7 +892,10 @@ mod tests {
         for bad in ["TERM", "INT", "KILL", "CHLD", "nope"] {
             assert!(run_args(&["--forward-signals", bad]).is_err(), "{bad}");
         }
-        let e = run_args(&["--stop-signal", "USR1"]).unwrap_err();
+        // The default list gives way to the stop signal; an explicit list that names it is refused.
+        let c = run_args(&["--stop-signal", "USR1"]).unwrap();
+        assert_eq!(c.forward_signals, [Signal::SIGUSR2, Signal::SIGWINCH]);
+        let e = run_args(&["--stop-signal", "USR1", "--forward-signals", "USR1,USR2"]).unwrap_err();
         assert!(e.0.contains("--forward-signals"), "{e}");
         assert!(run_args(&["--stop-signal", "USR1", "--forward-signals", "USR2"]).is_ok());
     }

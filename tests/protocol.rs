@@ -859,6 +859,50 @@ async fn no_cluster_leader_500_keeps_a_waiting_contender_waiting() {
     fx.wait_none_left(DEADLINE);
 }
 
+/// A waiting contender whose agent is too slow for any renew to come back before the fence it
+/// would buy (answers take longer than TTL - grace) still holds a session Consul keeps alive.
+/// When the key comes free, it acquires it with that session: it must hold its command back until
+/// a renew succeeds in time again, not count the lock it has just won as lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_agent_beyond_the_fence_budget_does_not_cost_the_lock_just_won() {
+    let Some(agent) = local_agent() else { return };
+    let proxy = FaultProxy::start(agent.addr().parse().unwrap());
+    let fx = Fixture::new();
+    let deaths = DeathWatch::start(&fx.journal);
+    let key = agent.key("slow-win");
+    let mut a = WrapperBuilder::new(&agent, &fx, &key, &T3_D3_S3).spawn();
+    wait_nth_start(&fx, 0, "A's child started");
+    let mut b = WrapperBuilder::new(&agent, &fx, &key, &T3_D3_S3)
+        .env("CONSUL_HTTP_ADDR", &proxy.addr().to_string())
+        .flag("--on-lost", "recontend")
+        .spawn();
+    wait_until_sync("B waits", DEADLINE, || {
+        b.stderr_text().contains("waiting for the lock on")
+    });
+    // Every answer now takes 3s or more: beyond B's fence budget (3s - 1s - 150ms).
+    proxy.set_mode(Mode::Delay(Duration::from_millis(1_500)));
+    a.signal(Signal::SIGTERM);
+    assert_died_by(&mut a, Signal::SIGTERM);
+    wait_until_sync("B acquires through the slow agent", DEADLINE, || {
+        b.stderr_text().contains("acquired the lock on")
+    });
+    proxy.set_mode(Mode::Pass);
+    wait_until_sync("B's child starts", DEADLINE, || {
+        main_starts(&fx.events()).len() >= 2
+    });
+    let log = b.stderr_text();
+    assert!(
+        !log.contains("lost leadership"),
+        "B counted the lock it had just won as lost\n{}",
+        b.output_report()
+    );
+    assert_eq!(b.try_status(), None, "{}", b.output_report());
+    assert_no_overlap(&fx, &deaths, &[&a, &b]);
+    b.signal(Signal::SIGTERM);
+    assert_died_by(&mut b, Signal::SIGTERM);
+    fx.wait_none_left(DEADLINE);
+}
+
 /// `consul-leader status` through an agent answering `500 No cluster leader` exits 125 and shows
 /// Consul's message, not a complaint about a missing `X-Consul-Index` header.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
