@@ -32,6 +32,7 @@ complete -c consul-leader -n "__fish_consul_leader_needs_command" -f -a "dev-age
 complete -c consul-leader -n "__fish_consul_leader_needs_command" -f -a "generate-docs" -d 'Write the man pages and shell completions (for packagers and for this repository)'
 complete -c consul-leader -n "__fish_consul_leader_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l key -d 'The Consul KV key to lock, for example `jobs/report`' -r
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l limit -d 'Let at most N holders run at once (a semaphore, the layout of `consul lock -n N`): KEY is then a prefix, holding KEY/.lock and one key per contender. 1 is the lock on KEY itself' -r
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l ttl -d 'Session TTL: how long Consul keeps the session without a renew (it really waits 2x)' -r
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l lock-delay -d 'Lock-delay: after this session is invalidated, Consul refuses the key to others this long' -r
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l silence -d 'Minimum gap between the previous leader\'s end and our command\'s start (skipped after a clean release)' -r

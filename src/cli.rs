@@ -163,11 +163,17 @@ Exit codes:
 Examples:
   consul-leader run --key jobs/report -- /usr/local/bin/report --daily
   consul-leader run --key jobs/report --wait 0 -- report     # cron: exit 75 at once when busy
-  consul-leader run --key svc/worker --on-lost recontend --shell -- 'exec worker >>/var/log/w.log'")]
+  consul-leader run --key svc/worker --on-lost recontend --shell -- 'exec worker >>/var/log/w.log'
+  consul-leader run --key jobs/backup --limit 2 -- backup.sh # at most two backups at once")]
 pub struct RunArgs {
     /// The Consul KV key to lock, for example `jobs/report`.
     #[arg(long, value_name = "KEY")]
     pub key: String,
+
+    /// Let at most N holders run at once (a semaphore, the layout of `consul lock -n N`): KEY is
+    /// then a prefix, holding KEY/.lock and one key per contender. 1 is the lock on KEY itself.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub limit: u32,
 
     /// Session TTL: how long Consul keeps the session without a renew (it really waits 2x).
     #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = parse_duration)]

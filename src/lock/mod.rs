@@ -11,6 +11,7 @@
 //! Consul's mutex in the layout of Go's `api.Lock` ([`consul`]).
 
 pub mod consul;
+pub mod semaphore;
 pub mod session;
 
 use tokio::sync::{mpsc, watch};
