@@ -64,7 +64,7 @@ complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -s q -l
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -s v -l verbose -d 'Also print debug lines (each renew, session IDs, forwarded signals)'
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -s V -l version -d 'Print version'
-complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -l key -d 'The Consul KV key to inspect' -r
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -l key -d 'The Consul KV key to inspect, or the prefix of a semaphore (`run --limit N`, `consul lock -n N`): then its limit, holders and free slots' -r
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -l http-addr -d 'Consul agent address: host:port, http://, https:// or unix:///path' -r
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -l token -d 'ACL token (prefer --token-file: a token on the command line is visible in ps). Precedence, as in Consul\'s CLI: --token-file, --token, CONSUL_HTTP_TOKEN_FILE, CONSUL_HTTP_TOKEN' -r
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -l token-file -d 'File holding the ACL token' -r -F

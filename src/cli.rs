@@ -259,7 +259,8 @@ Examples:
   consul-leader status --key jobs/report
   consul-leader status --key jobs/report --json | jq -r .holder")]
 pub struct StatusArgs {
-    /// The Consul KV key to inspect.
+    /// The Consul KV key to inspect, or the prefix of a semaphore (`run --limit N`,
+    /// `consul lock -n N`): then its limit, holders and free slots.
     #[arg(long, value_name = "KEY")]
     pub key: String,
 
