@@ -292,7 +292,12 @@ async fn semaphore_report(
         .unwrap_or(key);
     let client = Client::new(consul)?;
     let lock = semaphore::lock_key(prefix);
-    let (entry, _) = client.kv_get(&lock, ReadOpts::default()).await?;
+    let entry = match client.kv_get(&lock, ReadOpts::default()).await {
+        Ok((entry, _)) => entry,
+        // A token that may read the key but not below it: the key is what it asks about.
+        Err(crate::consul::ConsulError::Denied { .. }) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
     if entry
         .as_ref()
         .is_none_or(|e| e.flags != SEMAPHORE_FLAG_VALUE)

@@ -675,3 +675,68 @@ async fn n2_four_contenders_never_run_three_children_through_faults() {
     let left = lock_key(&agent, "four").await.unwrap();
     assert!(left.holders().len() <= 2, "{:?}", left.value);
 }
+
+/// What the semaphore relies on from the agent, in raw HTTP (and so checked against a real Consul
+/// under `CONSUL_LEADER_TEST_ADDR`): `?cas=0` creates `.lock` only once; a blocking `?recurse` read
+/// of the prefix wakes when a Behavior `delete` session is destroyed, with its contender key gone
+/// and a higher index; `.lock`, held by nobody, is untouched.
+#[tokio::test]
+async fn agent_primitives_the_semaphore_relies_on() {
+    let agent = DevAgent::start();
+    let s = agent
+        .create_session(serde_json::json!({
+            "Name": agent.name("prims"),
+            "TTL": "60s",
+            "Behavior": "delete",
+            "LockDelay": "0s",
+        }))
+        .await;
+    let contender = format!("prims/{s}");
+    let path = format!(
+        "{}?acquire={s}&flags={SEMAPHORE_FLAGS}",
+        agent.kv_path(&contender)
+    );
+    assert!(agent.put(&path, Vec::new()).await.expect_bool());
+    let lock_path = format!(
+        "{}?cas=0&flags={SEMAPHORE_FLAGS}",
+        agent.kv_path("prims/.lock")
+    );
+    let value = format!("{{\"Limit\":2,\"Holders\":{{\"{s}\":true}}}}");
+    assert!(agent.put(&lock_path, value.clone()).await.expect_bool());
+    assert!(
+        !agent.put(&lock_path, value.clone()).await.expect_bool(),
+        "cas=0 on an existing .lock"
+    );
+    let before = lock_key(&agent, "prims").await.unwrap();
+    let list = format!("{}/?recurse", agent.kv_path("prims"));
+    let r = agent.get(&list).await.expect_status(200);
+    let index = r.index();
+    assert_eq!(r.json().as_array().unwrap().len(), 2);
+
+    let http = agent.http().clone();
+    let blocked = format!("{list}&index={index}&wait=30s");
+    let mut task = tokio::spawn(async move { http.get(&blocked).await });
+    common::assert_pending(
+        "a blocking listing with no change",
+        &mut task,
+        Duration::from_millis(300),
+    )
+    .await;
+    agent.destroy_session(&s).await;
+    let r = common::join_within("the listing wakes", task, Duration::from_secs(10))
+        .await
+        .expect_status(200);
+    assert!(r.index() > index, "{} vs {index}", r.index());
+    let keys: Vec<String> = r
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["Key"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(keys, [agent.key("prims/.lock")]);
+    assert!(agent.kv_entry(&contender).await.is_none());
+    let after = lock_key(&agent, "prims").await.unwrap();
+    assert_eq!(after.modify_index, before.modify_index);
+    assert_eq!(after.raw, value.as_bytes());
+}
