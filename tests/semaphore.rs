@@ -205,8 +205,9 @@ async fn interoperates_with_an_api_semaphore_contender() {
     fx.wait_none_left(DEADLINE);
 }
 
-/// A contender whose --limit differs from the prefix's, or that finds a lock at PREFIX/.lock,
-/// refuses with exit 125 and starts nothing.
+/// A contender whose --limit differs from the prefix's, that finds a lock at PREFIX/.lock, or
+/// that finds the prefix itself held as a lock (`--limit 1` on the same --key), refuses with exit
+/// 125 and starts nothing.
 #[tokio::test]
 async fn mismatched_limit_is_refused() {
     let (agent, timing) = agent();
@@ -247,9 +248,36 @@ async fn mismatched_limit_is_refused() {
     assert!(c.stderr_text().contains("is a lock"), "{}", c.stderr_text());
     agent.destroy_session(&s).await;
 
-    a.signal(Signal::SIGTERM);
-    let _ = exit_of(&mut a);
-    assert_eq!(starts(&fx.events()).len(), 1);
+    // `--limit 1 --key K` holds K itself: a semaphore on the prefix K would run beside it.
+    let mixed = agent.key("mixed");
+    let mut m = WrapperBuilder::new(&agent, &fx, &mixed, &timing).spawn();
+    wait_until("the lock on K is held", DEADLINE, || async {
+        common::leader::lock_state(&agent, "mixed")
+            .await
+            .is_some_and(|(session, _, _)| session.is_some())
+    })
+    .await;
+    let mut d = WrapperBuilder::new(&agent, &fx, &mixed, &timing)
+        .flag("--limit", "2")
+        .spawn();
+    let st = exit_of(&mut d);
+    assert_eq!(st.code(), Some(125), "{}", d.output_report());
+    assert!(
+        d.stderr_text().contains("must use the same --limit"),
+        "{}",
+        d.stderr_text()
+    );
+
+    for w in [&mut a, &mut m] {
+        w.signal(Signal::SIGTERM);
+        let _ = exit_of(w);
+    }
+    assert!(
+        starts(&fx.events())
+            .iter()
+            .all(|e| parent(e.pid) != Some(d.pid())),
+        "D started nothing"
+    );
     fx.wait_none_left(DEADLINE);
 }
 

@@ -294,6 +294,9 @@ pub enum Conflict {
     Foreign { flags: u64 },
     /// `.lock` has the semaphore's flags and a value no semaphore wrote.
     Garbled { detail: String },
+    /// The prefix itself is held as a lock (`--limit 1` on the same `--key`, or `consul lock` /
+    /// `api.Lock` on it), by this session.
+    HeldAsLock { session: String },
 }
 
 impl Conflict {
@@ -315,6 +318,11 @@ impl Conflict {
             Conflict::Foreign { flags } => format!(
                 "{lock} holds data that is not a semaphore (flags {flags}); consul-leader will not \
                  overwrite it. Choose another --key, or delete the key if it is stale"
+            ),
+            Conflict::HeldAsLock { session } => format!(
+                "{prefix} is held as a lock (run --limit 1 --key {prefix}, or consul lock / \
+                 api.Lock on it) by session {session}; a semaphore on the prefix {prefix} would \
+                 run beside it. Every contender on {prefix} must use the same --limit"
             ),
             Conflict::Garbled { detail } => format!(
                 "{lock} has the semaphore flags, but its value is not a semaphore's ({detail}); \
@@ -373,6 +381,21 @@ pub fn read_slots(obs: &Observed, limit: u64) -> Result<Slots, Conflict> {
                 unknown_id,
             })
         }
+    }
+}
+
+/// `--limit 1 --key K` locks `K` itself while `--limit N --key K` uses `K/.lock`, so the two would
+/// not exclude each other (unlike `consul lock -n 1` and `-n 2`, which share `.lock`): a
+/// contender refuses a prefix that is held as a lock right now.
+pub fn check_bare_key(entry: Option<&KvEntry>) -> Result<(), Conflict> {
+    match entry {
+        Some(e) if e.flags == LOCK_FLAG_VALUE => match &e.session {
+            Some(session) => Err(Conflict::HeldAsLock {
+                session: session.clone(),
+            }),
+            None => Ok(()),
+        },
+        _ => Ok(()),
     }
 }
 
@@ -819,6 +842,14 @@ impl Protocol for ConsulSemaphore {
         let mut announced: Option<String> = None;
         let mut errors = Errors::new(format!("cannot read {}", self.dir()));
         let expired = |d: Option<Instant>| d.is_some_and(|d| Instant::now() >= d);
+        // A guard against a fleet that mixes --limit 1 and --limit N on one --key, checked once
+        // per term; a failed read only skips it.
+        match client.kv_get(prefix, ReadOpts::default()).await {
+            Ok((entry, _)) => {
+                check_bare_key(entry.as_ref()).map_err(|c| ContendEnd::Fatal(c.message(prefix)))?
+            }
+            Err(e) => debug!("cannot read {prefix} itself: {e}; not checking it for a lock"),
+        }
         loop {
             if term.renewals.borrow().end.is_some() {
                 return Err(ContendEnd::SessionGone);
@@ -1273,6 +1304,22 @@ mod tests {
             read_slots(&observe("p", &[junk], 4), 2),
             Err(Conflict::Garbled { .. })
         ));
+    }
+
+    #[test]
+    fn a_prefix_held_as_a_lock_is_refused() {
+        assert_eq!(check_bare_key(None), Ok(()));
+        let free = entry("p", LOCK_FLAG_VALUE, None, b"", 3);
+        assert_eq!(check_bare_key(Some(&free)), Ok(()));
+        let data = entry("p", 0, None, b"x", 3);
+        assert_eq!(check_bare_key(Some(&data)), Ok(()));
+        let held = entry("p", LOCK_FLAG_VALUE, Some("s9"), b"", 3);
+        let c = check_bare_key(Some(&held)).unwrap_err();
+        assert!(
+            c.message("p").contains("same --limit"),
+            "{}",
+            c.message("p")
+        );
     }
 
     #[test]
