@@ -715,7 +715,7 @@ impl ConsulSemaphore {
     /// when the release is clean (module docs, 4).
     async fn release_slot(&self, term: &Term) {
         let lock = lock_key(self.prefix());
-        let mut attempt = 0u32;
+        let (mut races, mut attempt) = (0u32, 0u32);
         loop {
             let result = match self.client.kv_get(&lock, ReadOpts::default()).await {
                 Ok((entry, index)) => {
@@ -745,7 +745,7 @@ impl ConsulSemaphore {
                     break;
                 }
                 // Someone else wrote first: read again.
-                Ok(false) if attempt < 20 => attempt += 1,
+                Ok(false) if races < 20 => races += 1,
                 Err(e) if e.is_transient() && attempt < 4 => {
                     debug!("releasing the slot failed: {e}; retrying");
                     sleep(election::backoff(
