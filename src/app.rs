@@ -16,14 +16,14 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use tokio::sync::{mpsc, watch};
-use tokio::time::{Instant, sleep};
+use tokio::time::{Instant, sleep, sleep_until};
 use tracing::{debug, error, info, warn};
 
-use crate::cli::{OnLost, RunArgs};
+use crate::cli::{OnLost, RestartPolicy, RunArgs};
 use crate::clock::{self, BootTime};
 use crate::config::RunConfig;
 use crate::consul::Client;
-use crate::election::{self, Fence};
+use crate::election::{self, Fence, PreviousTerm};
 use crate::exit;
 use crate::lock::consul::ConsulMutex;
 use crate::lock::semaphore::ConsulSemaphore;
@@ -38,15 +38,6 @@ enum Outcome {
     /// Stopped by this signal: after cleaning up, the wrapper dies by it too.
     Signal(Signal),
 }
-
-/// Signals that stop the wrapper (design §4); others are forwarded to the child's group.
-const STOP_SIGNALS: [Signal; 4] = [
-    Signal::SIGTERM,
-    Signal::SIGINT,
-    Signal::SIGHUP,
-    Signal::SIGQUIT,
-];
-const FORWARD_SIGNALS: [Signal; 3] = [Signal::SIGUSR1, Signal::SIGUSR2, Signal::SIGWINCH];
 
 pub fn main(args: Box<RunArgs>) -> ExitCode {
     let cfg = match RunConfig::from_args(&args) {
@@ -76,7 +67,17 @@ pub fn main(args: Box<RunArgs>) -> ExitCode {
             return ExitCode::from(exit::INTERNAL);
         }
     };
-    let outcome = runtime.block_on(run(cfg));
+    // Every line of this run carries these fields in JSON logs (`pid`: the command's, once it
+    // runs). ERROR level, so that `-q` keeps them too. Entered around `block_on`: every task of
+    // the current-thread runtime, spawned ones included, runs inside it.
+    let span = tracing::error_span!(
+        "run",
+        key = %cfg.key,
+        session = tracing::field::Empty,
+        pid = tracing::field::Empty,
+        fencing_token = tracing::field::Empty,
+    );
+    let outcome = span.in_scope(|| runtime.block_on(run(cfg)));
     drop(runtime);
     match outcome {
         Outcome::Code(code) => ExitCode::from(code),
@@ -100,18 +101,22 @@ fn die_by(sig: Signal) -> ExitCode {
 /// The wrapper's signals: an async stream for the driver, plus a flag set inside the signal
 /// handler itself, so that a stop signal that arrived a moment before a spawn is seen even if the
 /// stream has not been polled yet.
+///
+/// Stop signals (TERM and INT, and HUP and QUIT unless forwarded: design §4) stop the wrapper;
+/// the `--forward-signals` go to the command's group.
 struct Signals {
     rx: mpsc::UnboundedReceiver<Signal>,
     stop_flag: Arc<AtomicUsize>,
+    stop: Vec<Signal>,
 }
 
 impl Signals {
-    fn install() -> std::io::Result<Self> {
+    fn install(stop: &[Signal], forward: &[Signal]) -> std::io::Result<Self> {
         use tokio::signal::unix::{SignalKind, signal};
         let stop_flag = Arc::new(AtomicUsize::new(0));
         let (tx, rx) = mpsc::unbounded_channel();
-        for sig in STOP_SIGNALS.iter().chain(FORWARD_SIGNALS.iter()).copied() {
-            if STOP_SIGNALS.contains(&sig) {
+        for sig in stop.iter().chain(forward.iter()).copied() {
+            if stop.contains(&sig) {
                 signal_hook::flag::register_usize(sig as i32, stop_flag.clone(), sig as usize)?;
             }
             let mut stream = signal(SignalKind::from_raw(sig as i32))?;
@@ -124,7 +129,15 @@ impl Signals {
                 }
             });
         }
-        Ok(Self { rx, stop_flag })
+        Ok(Self {
+            rx,
+            stop_flag,
+            stop: stop.to_vec(),
+        })
+    }
+
+    fn is_stop(&self, sig: Signal) -> bool {
+        self.stop.contains(&sig)
     }
 
     async fn recv(&mut self) -> Signal {
@@ -139,7 +152,7 @@ impl Signals {
     async fn next_stop(&mut self) -> Signal {
         loop {
             let sig = self.recv().await;
-            if STOP_SIGNALS.contains(&sig) {
+            if self.is_stop(sig) {
                 return sig;
             }
             debug!("ignoring {sig}: no command is running");
@@ -159,8 +172,9 @@ impl Signals {
 enum TermEnd {
     /// Exit the wrapper with this outcome after closing the term.
     Done(Outcome),
-    /// Leadership was lost (the child, if any, is already stopped).
-    Lost(String),
+    /// Leadership was lost (the child, if any, is already stopped); with what the term still
+    /// owed to earlier holders (`None`: nothing, e.g. because its child ran).
+    Lost(String, Option<BootTime>),
     /// The session ended before we won the lock: open a new term.
     SessionGone,
 }
@@ -175,7 +189,7 @@ struct Leader<P: Protocol> {
 
 async fn run(cfg: RunConfig) -> Outcome {
     // Signals first: from here on, TERM/INT/HUP/QUIT are honoured at every moment.
-    let signals = match Signals::install() {
+    let signals = match Signals::install(&cfg.stop_signals, &cfg.forward_signals) {
         Ok(s) => s,
         Err(e) => {
             error!("cannot install signal handlers: {e}");
@@ -220,6 +234,16 @@ async fn run(cfg: RunConfig) -> Outcome {
 
 impl<P: Protocol> Leader<P> {
     async fn run(&mut self) -> Outcome {
+        // Try-once (cron): one read answers "busy" without writing a session.
+        if self.cfg.wait == Some(Duration::ZERO) {
+            if let Some(why) = self.lock.busy().await {
+                info!(
+                    "not leader of {}: {why}; exiting with {}",
+                    self.cfg.key, self.cfg.busy_exit_code
+                );
+                return Outcome::Code(self.cfg.busy_exit_code);
+            }
+        }
         let mut first_term = true;
         loop {
             if let Some(sig) = self.signals.pending_stop() {
@@ -231,6 +255,7 @@ impl<P: Protocol> Leader<P> {
                 Err(outcome) => return outcome,
             };
             first_term = false;
+            tracing::Span::current().record("session", tracing::field::display(term.id()));
             let _watchdog = notify::watchdog_interval().map(|every| {
                 AbortOnDrop::spawn(ping_watchdog(
                     every,
@@ -253,7 +278,13 @@ impl<P: Protocol> Leader<P> {
                         term.id()
                     );
                 }
-                TermEnd::Lost(reason) => {
+                TermEnd::Lost(reason, owed_until) => {
+                    // This process confirmed its child gone: the next term need not wait for it
+                    // (election's module docs, 7).
+                    self.lock.remember(PreviousTerm {
+                        session: term.id(),
+                        owed_until,
+                    });
                     // The loss itself was logged where it was seen. One try: after a fence the
                     // agent is likely unreachable, and Consul expires the session anyway.
                     self.lock.close(term, 1).await;
@@ -355,6 +386,7 @@ impl<P: Protocol> Leader<P> {
     /// Holds the lock: the wait owed to earlier holders, the child, and the stop sequence.
     async fn lead(&mut self, term: &mut P::Term, won: P::Won) -> TermEnd {
         let cfg = self.cfg.clone();
+        tracing::Span::current().record("fencing_token", won.fencing_token());
         info!(
             "acquired the lock on {} (fencing token {})",
             cfg.key,
@@ -388,33 +420,97 @@ impl<P: Protocol> Leader<P> {
             }
         }
 
-        // The last moment to honour a stop signal without starting anything. The wait passed,
-        // so the release is clean.
+        // From here on the wait owed to earlier holders has passed, so every release is clean.
+        let mut restarts = Restarts::new(self.cfg.restart);
+        loop {
+            let status = match self
+                .run_child(term, &won, &mut renewals, &mut verdicts)
+                .await
+            {
+                Ok(status) => status,
+                Err(end) => return end,
+            };
+            // The command exited on its own and its leftovers are gone.
+            let Some(delay) = restarts.after_exit(status) else {
+                self.lock.release(term, &won, true).await;
+                return TermEnd::Done(Outcome::Code(status.exit_code()));
+            };
+            if restarts.limit_reached() {
+                let r = self.cfg.restart;
+                warn!(
+                    "the command started {} times within {} (--restart-limit): stepping down so that another host can take over",
+                    r.limit,
+                    humantime::format_duration(r.period)
+                );
+                self.lock.release(term, &won, true).await;
+                return TermEnd::Done(Outcome::Code(status.exit_code()));
+            }
+            info!(
+                "restarting the command in {} (--restart {})",
+                humantime::format_duration(round_ms(delay)),
+                restarts.policy_name()
+            );
+            notify::status(&format!(
+                "leader, restarting the command in {}",
+                humantime::format_duration(round_ms(delay))
+            ));
+            let wake = Instant::now() + delay;
+            loop {
+                tokio::select! {
+                    () = sleep_until(wake) => break,
+                    ended = ended(&mut verdicts, &mut renewals, &cfg) => {
+                        // A moved fence needs no action: no child runs.
+                        if let Ok(verdict) = ended {
+                            return self.end_without_child(term, &won, verdict).await;
+                        }
+                    }
+                    sig = self.signals.next_stop() => {
+                        self.lock.release(term, &won, true).await;
+                        return TermEnd::Done(Outcome::Signal(sig));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs the command once, while leadership holds: `Ok(status)` when it exited on its own
+    /// (and everything it left is gone), `Err(end)` when the term ends (a loss, a stop signal;
+    /// the child is stopped and the release done).
+    async fn run_child(
+        &mut self,
+        term: &mut P::Term,
+        won: &P::Won,
+        renewals: &mut watch::Receiver<Renewal>,
+        verdicts: &mut mpsc::Receiver<Verdict>,
+    ) -> Result<ChildExit, TermEnd> {
+        let cfg = self.cfg.clone();
+        // The last moment to honour a stop signal without starting anything.
         tokio::task::yield_now().await;
         if let Some(sig) = self.signals.pending_stop() {
-            self.lock.release(term, &won, true).await;
-            return TermEnd::Done(Outcome::Signal(sig));
+            self.lock.release(term, won, true).await;
+            return Err(TermEnd::Done(Outcome::Signal(sig)));
         }
         // Nor may a child start when the session cannot be trusted any more.
         let r = renewals.borrow().clone();
         let fence = Fence::after_renew(r.last_ok_sent, cfg.ttl, cfg.grace);
         if let Some(end) = r.end {
-            return self.end_without_child(term, &won, verdict_of(end)).await;
+            return Err(self.end_without_child(term, won, verdict_of(end)).await);
         }
         if fence.stop_at.has_passed() {
             let reason = "the session could not be renewed before the command was to start";
             error!("lost leadership on {}: {reason}", cfg.key);
-            return TermEnd::Lost(reason.into());
+            return Err(TermEnd::Lost(reason.into(), None));
         }
         let spec = self.child_spec(&term.id(), won.fencing_token());
         let pid = match self.supervisor.spawn(&spec, fence) {
             Ok(pid) => pid,
             Err(e) => {
                 error!("{e}");
-                self.lock.release(term, &won, true).await;
-                return TermEnd::Done(Outcome::Code(e.exit_code()));
+                self.lock.release(term, won, true).await;
+                return Err(TermEnd::Done(Outcome::Code(e.exit_code())));
             }
         };
+        tracing::Span::current().record("pid", pid);
         info!("started the command, pid {pid}");
         notify::status(&format!(
             "leader since {}, child pid {}",
@@ -430,13 +526,13 @@ impl<P: Protocol> Leader<P> {
         let why = loop {
             tokio::select! {
                 status = self.supervisor.wait() => break Why::Exited(status),
-                ended = ended(&mut verdicts, &mut renewals, &cfg) => match ended {
+                ended = ended(verdicts, renewals, &cfg) => match ended {
                     Ok(verdict) => break Why::Ended(verdict),
                     // Each renew moves the fence: the supervisor's keeper enforces it too.
                     Err(fence) => self.supervisor.set_fence(fence),
                 },
                 sig = self.signals.recv() => {
-                    if STOP_SIGNALS.contains(&sig) {
+                    if self.signals.is_stop(sig) {
                         break Why::Signal(sig);
                     }
                     debug!("forwarding {sig} to the command");
@@ -447,7 +543,7 @@ impl<P: Protocol> Leader<P> {
 
         let stop_signal = match &why {
             Why::Exited(status) => {
-                info!("the command {status}");
+                debug!("the command {status}; cleaning up what it left");
                 cfg.stop_signal
             }
             Why::Ended(Verdict::Lost(reason)) => {
@@ -479,7 +575,7 @@ impl<P: Protocol> Leader<P> {
         let hurry = async {
             loop {
                 let sig = signals.recv().await;
-                if !STOP_SIGNALS.contains(&sig) {
+                if !signals.is_stop(sig) {
                     continue;
                 }
                 if requested.get().is_none() {
@@ -495,6 +591,9 @@ impl<P: Protocol> Leader<P> {
             }
         };
         self.supervisor.stop(stop_signal, grace, hurry).await;
+        if let Why::Exited(status) = &why {
+            info!("the command {status}");
+        }
         info!("the command's process group is gone");
 
         // Our own child ran and is gone, and it only started once the wait owed to earlier
@@ -503,23 +602,20 @@ impl<P: Protocol> Leader<P> {
             Why::Signal(sig) => Some(sig),
             _ => requested.get(),
         };
-        match (why, by_signal) {
-            (Why::Ended(Verdict::Lost(reason)), None) => TermEnd::Lost(reason),
+        Err(match (why, by_signal) {
+            (Why::Exited(status), None) => return Ok(status),
+            (Why::Ended(Verdict::Lost(reason)), None) => TermEnd::Lost(reason, None),
             (Why::Ended(Verdict::Lost(_)), Some(sig)) => TermEnd::Done(Outcome::Signal(sig)),
             (Why::Ended(Verdict::Fatal(_)), sig) => {
-                self.lock.release(term, &won, true).await;
+                self.lock.release(term, won, true).await;
                 TermEnd::Done(sig.map_or(Outcome::Code(exit::INTERNAL), Outcome::Signal))
             }
             (_, Some(sig)) => {
-                self.lock.release(term, &won, true).await;
+                self.lock.release(term, won, true).await;
                 TermEnd::Done(Outcome::Signal(sig))
             }
-            (Why::Exited(status), None) => {
-                self.lock.release(term, &won, true).await;
-                TermEnd::Done(Outcome::Code(status.exit_code()))
-            }
             (Why::Signal(_), None) => unreachable!("a signal stop always has its signal"),
-        }
+        })
     }
 
     /// Leadership ended before a child started: after a loss nothing is left to do (the key is
@@ -533,10 +629,10 @@ impl<P: Protocol> Leader<P> {
         match verdict {
             Verdict::Lost(reason) => {
                 error!(
-                    "lost leadership on {} before the command started: {reason}",
+                    "lost leadership on {} while no command ran: {reason}",
                     self.cfg.key
                 );
-                TermEnd::Lost(reason)
+                TermEnd::Lost(reason, won.owed_until())
             }
             Verdict::Fatal(msg) => {
                 error!("{msg}");
@@ -576,6 +672,76 @@ impl<P: Protocol> Leader<P> {
 
 fn round_ms(d: Duration) -> Duration {
     Duration::from_millis(d.as_millis() as u64)
+}
+
+/// The restart policy's bookkeeping within one term (`--restart`, `--restart-delay`,
+/// `--restart-limit`).
+struct Restarts {
+    cfg: crate::config::Restart,
+    /// When the command started, within the last `period`.
+    starts: std::collections::VecDeque<Instant>,
+    /// Restarts in a row of a command that did not run long: the delay doubles with each.
+    streak: u32,
+}
+
+impl Restarts {
+    fn new(cfg: crate::config::Restart) -> Self {
+        Self {
+            cfg,
+            starts: std::collections::VecDeque::from([Instant::now()]),
+            streak: 0,
+        }
+    }
+
+    fn policy_name(&self) -> &'static str {
+        match self.cfg.policy {
+            RestartPolicy::No => "no",
+            RestartPolicy::OnFailure => "on-failure",
+            RestartPolicy::Always => "always",
+        }
+    }
+
+    /// After the command exited with `status`: the pause before restarting it, or `None` when
+    /// the policy does not restart it. Records the coming start.
+    fn after_exit(&mut self, status: ChildExit) -> Option<Duration> {
+        let restart = match self.cfg.policy {
+            RestartPolicy::No => false,
+            RestartPolicy::OnFailure => status != ChildExit::Exited(0),
+            RestartPolicy::Always => true,
+        };
+        if !restart {
+            return None;
+        }
+        let now = Instant::now();
+        // A command that ran at least the longest pause was not crash-looping: start over.
+        let ran = self
+            .starts
+            .back()
+            .map_or(Duration::ZERO, |t| now.saturating_duration_since(*t));
+        if ran >= self.cfg.max_delay {
+            self.streak = 0;
+        }
+        let delay = self
+            .cfg
+            .delay
+            .saturating_mul(1u32 << self.streak.min(20))
+            .min(self.cfg.max_delay);
+        self.streak += 1;
+        while self
+            .starts
+            .front()
+            .is_some_and(|t| now.saturating_duration_since(*t) >= self.cfg.period)
+        {
+            self.starts.pop_front();
+        }
+        self.starts.push_back(now + delay);
+        Some(delay)
+    }
+
+    /// Whether the start just recorded would be one too many within the period.
+    fn limit_reached(&self) -> bool {
+        self.starts.len() > self.cfg.limit as usize
+    }
 }
 
 /// What a session's end means for the leader.

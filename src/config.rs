@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 
-use crate::cli::{ConsulArgs, LogFormat, OnLost, RunArgs};
+use crate::cli::{ConsulArgs, LogFormat, OnLost, RestartPolicy, RunArgs};
 use crate::election::Timing;
 
 /// A usage or configuration error: one line that says what to fix. Exit code 2.
@@ -91,16 +91,66 @@ fn read_file(path: &Path, what: &str, setting: &str) -> Result<Vec<u8>, ConfigEr
     })
 }
 
+/// Reads a token file. Consul's CLI quietly falls back to the anonymous token when the file is
+/// empty; a file that was named but holds nothing is almost always a token that was never written,
+/// so it is refused here instead of turning into confusing ACL denials (or, with ACLs off, into a
+/// setup that breaks the day ACLs are enabled).
 fn read_token(path: &Path, setting: &str) -> Result<String, ConfigError> {
     let bytes = read_file(path, "token file", setting)?;
-    Ok(String::from_utf8_lossy(&bytes).trim().to_string())
+    let token = String::from_utf8_lossy(&bytes).trim().to_string();
+    if token.is_empty() {
+        return Err(bad(format!(
+            "the token file {} ({setting}) is empty; write the ACL token into it, or unset \
+             {setting} to use the agent's default token",
+            path.display()
+        )));
+    }
+    Ok(token)
+}
+
+/// Consul's default HTTP address, used when neither `--http-addr` nor `CONSUL_HTTP_ADDR` is set.
+pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:8500";
+
+/// A flag's value, or else its environment variable's when that is set and not empty.
+fn flag_or_env(flag: Option<&str>, var: &str) -> Option<String> {
+    flag.map(str::to_string).or_else(|| env_nonempty(var))
+}
+
+fn path_flag_or_env(flag: Option<&PathBuf>, var: &str) -> Option<PathBuf> {
+    flag.cloned()
+        .or_else(|| env_nonempty(var).map(PathBuf::from))
+}
+
+/// The connection settings with each flag or, failing it, its environment variable resolved.
+struct Resolved {
+    http_addr: String,
+    ca_file: Option<PathBuf>,
+    ca_path: Option<PathBuf>,
+    client_cert: Option<PathBuf>,
+    client_key: Option<PathBuf>,
+    tls_server_name: Option<String>,
+}
+
+impl Resolved {
+    fn from_args(args: &ConsulArgs) -> Self {
+        Self {
+            http_addr: flag_or_env(args.http_addr.as_deref(), "CONSUL_HTTP_ADDR")
+                .unwrap_or_else(|| DEFAULT_HTTP_ADDR.to_string()),
+            ca_file: path_flag_or_env(args.ca_file.as_ref(), "CONSUL_CACERT"),
+            ca_path: path_flag_or_env(args.ca_path.as_ref(), "CONSUL_CAPATH"),
+            client_cert: path_flag_or_env(args.client_cert.as_ref(), "CONSUL_CLIENT_CERT"),
+            client_key: path_flag_or_env(args.client_key.as_ref(), "CONSUL_CLIENT_KEY"),
+            tls_server_name: flag_or_env(args.tls_server_name.as_deref(), "CONSUL_TLS_SERVER_NAME"),
+        }
+    }
 }
 
 impl ConsulConfig {
     pub fn from_args(args: &ConsulArgs) -> Result<Self, ConfigError> {
+        let resolved = Resolved::from_args(args);
         let ssl = env_bool("CONSUL_HTTP_SSL")?.unwrap_or(false);
         let insecure = !env_bool("CONSUL_HTTP_SSL_VERIFY")?.unwrap_or(true);
-        let (base_url, unix_socket) = parse_address(&args.http_addr, ssl)?;
+        let (base_url, unix_socket) = parse_address(&resolved.http_addr, ssl)?;
         // Consul's precedence (consul-api.md §7.3): flags before the environment, and a token
         // file before a token at each level.
         let token = if let Some(path) = &args.token_file {
@@ -113,26 +163,38 @@ impl ConsulConfig {
             env_nonempty("CONSUL_HTTP_TOKEN")
         }
         .filter(|t| !t.is_empty());
+        if let Some(t) = &token {
+            // It travels in the X-Consul-Token header; the token itself is never printed.
+            if t.chars().any(|c| c != '\t' && !(' '..='~').contains(&c)) {
+                return Err(bad(
+                    "the ACL token contains characters that cannot be sent in an HTTP header \
+                     (a stray control or non-ASCII character?); check --token-file, --token, \
+                     CONSUL_HTTP_TOKEN_FILE or CONSUL_HTTP_TOKEN",
+                ));
+            }
+        }
         let basic_auth = env_nonempty("CONSUL_HTTP_AUTH").map(|v| match v.split_once(':') {
             Some((user, pass)) => (user.to_string(), pass.to_string()),
             None => (v, String::new()),
         });
         Ok(Self {
+            addr_display: describe_address(&resolved.http_addr, &base_url),
             base_url,
-            addr_display: args.http_addr.clone(),
             unix_socket,
             token,
             datacenter: args.datacenter.clone().filter(|d| !d.is_empty()),
-            namespace: args.namespace.clone().filter(|n| !n.is_empty()),
-            partition: args.partition.clone().filter(|p| !p.is_empty()),
+            namespace: flag_or_env(args.namespace.as_deref(), "CONSUL_NAMESPACE")
+                .filter(|n| !n.is_empty()),
+            partition: flag_or_env(args.partition.as_deref(), "CONSUL_PARTITION")
+                .filter(|p| !p.is_empty()),
             basic_auth,
-            tls: TlsConfig::from_args(args, insecure)?,
+            tls: TlsConfig::from_resolved(&resolved, insecure)?,
         })
     }
 }
 
 impl TlsConfig {
-    fn from_args(args: &ConsulArgs, insecure: bool) -> Result<Self, ConfigError> {
+    fn from_resolved(args: &Resolved, insecure: bool) -> Result<Self, ConfigError> {
         // As in Consul's client (go-rootcerts), a CA file wins over a CA directory: the
         // directory is not read at all then, so a stray file in it cannot break a working setup.
         let mut ca_files = Vec::new();
@@ -257,6 +319,38 @@ fn parse_address(addr: &str, ssl: bool) -> Result<(String, Option<PathBuf>), Con
     Ok((format!("{scheme}://{rest}"), None))
 }
 
+/// How an address is named in messages. A host without a port goes to the scheme's default port
+/// (80, or 443 for https) exactly as with Consul's CLI, whose client puts the address into the
+/// URL as it is; since Consul itself listens on 8500, the messages say so.
+fn describe_address(addr: &str, base_url: &str) -> String {
+    if addr.trim().starts_with("unix://") {
+        return addr.to_string();
+    }
+    let authority = base_url
+        .split_once("://")
+        .map_or("", |(_, rest)| rest.split('/').next().unwrap_or(""));
+    let has_port = match authority.rsplit_once(':') {
+        // `[::1]` has colons but no port; `[::1]:8500` ends in one.
+        Some((host, port)) => {
+            port.chars().all(|c| c.is_ascii_digit())
+                && (!host.starts_with('[') || host.ends_with(']'))
+        }
+        None => false,
+    };
+    if has_port || authority.is_empty() {
+        return addr.to_string();
+    }
+    let port = if base_url.starts_with("https://") {
+        443
+    } else {
+        80
+    };
+    format!(
+        "{addr} (no port given, so port {port}, as with Consul's CLI; Consul's HTTP API listens on \
+         8500: use {authority}:8500)"
+    )
+}
+
 /// Everything `run` needs, validated.
 #[derive(Debug, Clone)]
 pub struct RunConfig {
@@ -283,6 +377,27 @@ pub struct RunConfig {
     pub consul: ConsulConfig,
     pub command: Vec<String>,
     pub host: String,
+    /// This contender's stable identity (`--id`, default the host name).
+    pub id: String,
+    /// `--priority-window`; zero when priority is off.
+    pub priority_window: Duration,
+    pub restart: Restart,
+    /// Signals forwarded to the command's group.
+    pub forward_signals: Vec<Signal>,
+    /// Signals that stop the wrapper: TERM, INT, and HUP and QUIT unless forwarded.
+    pub stop_signals: Vec<Signal>,
+}
+
+/// The restart policy while the lock is held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Restart {
+    pub policy: RestartPolicy,
+    /// The first pause; it doubles with each restart in a row, up to `max_delay`.
+    pub delay: Duration,
+    pub max_delay: Duration,
+    /// At most `limit` starts within `period`.
+    pub limit: u32,
+    pub period: Duration,
 }
 
 /// Consul refuses a session TTL above this.
@@ -306,6 +421,50 @@ fn at_most(flag: &str, value: Duration, max: Duration, hint: &str) -> Result<(),
     Ok(())
 }
 
+/// Consul's default `session_ttl_min`: it refuses a session TTL below this.
+const CONSUL_SESSION_TTL_MIN: Duration = Duration::from_secs(10);
+
+/// Names a lowered `session_ttl_min` of the agent (a test agent, `dev-agent --session-ttl-min`), so
+/// that TTLs below Consul's default minimum are accepted. An empty value counts as unset.
+pub const TTL_MIN_ENV: &str = "CONSUL_LEADER_TTL_MIN";
+
+/// Refuses a TTL that Consul would refuse, before any session exists: the agent would only answer
+/// with a 500 after the wrapper had already started.
+fn check_ttl(ttl: Duration) -> Result<(), ConfigError> {
+    let min = match env_nonempty(TTL_MIN_ENV) {
+        None => CONSUL_SESSION_TTL_MIN,
+        Some(v) => crate::cli::parse_duration(&v)
+            .map_err(|e| bad(format!("{TTL_MIN_ENV}={v} is not a duration: {e}")))?,
+    };
+    let show = |d: Duration| humantime::format_duration(d).to_string();
+    if ttl < min || ttl.is_zero() {
+        let lowered = if min == CONSUL_SESSION_TTL_MIN {
+            format!(
+                " (for an agent whose session_ttl_min is lowered, set {TTL_MIN_ENV} to that value)"
+            )
+        } else {
+            format!(
+                " ({TTL_MIN_ENV} says the agent's session_ttl_min is {})",
+                show(min)
+            )
+        };
+        return Err(bad(format!(
+            "--ttl {} is below the agent's minimum session TTL of {}, so Consul would refuse the \
+             session; use --ttl {} or more{lowered}",
+            show(ttl),
+            show(min),
+            show(min)
+        )));
+    }
+    if ttl > MAX_TTL {
+        return Err(bad(format!(
+            "--ttl {} is above Consul's maximum session TTL of 24h; use --ttl 24h or less",
+            show(ttl)
+        )));
+    }
+    Ok(())
+}
+
 impl RunConfig {
     /// The timing the election rules need.
     pub fn timing(&self) -> Timing {
@@ -321,12 +480,7 @@ impl RunConfig {
         let limit = validate_limit(args.limit)?;
         let consul = ConsulConfig::from_args(&args.consul)?;
         let stop_signal = parse_signal(&args.stop_signal)?;
-        if args.ttl.is_zero() || args.ttl > MAX_TTL {
-            return Err(bad(format!(
-                "--ttl {} is out of range; Consul accepts 10s to 24h (its session_ttl_min may be lower)",
-                humantime::format_duration(args.ttl)
-            )));
-        }
+        check_ttl(args.ttl)?;
         if args.lock_delay > MAX_LOCK_DELAY {
             return Err(bad(format!(
                 "--lock-delay {} is above 60s, and Consul caps lock-delay at 60s; use 60s or less",
@@ -389,6 +543,22 @@ impl RunConfig {
             .ok()
             .and_then(|h| h.into_string().ok())
             .unwrap_or_else(|| "unknown-host".to_string());
+        let id = match &args.id {
+            Some(id) => validate_id(id)?,
+            None => host.clone(),
+        };
+        at_most("--priority-window", args.priority_window, MAX_TTL, "")?;
+        let restart = parse_restart(args)?;
+        let forward_signals = parse_forward_signals(&args.forward_signals, stop_signal)?;
+        let stop_signals = [
+            Signal::SIGTERM,
+            Signal::SIGINT,
+            Signal::SIGHUP,
+            Signal::SIGQUIT,
+        ]
+        .into_iter()
+        .filter(|s| !forward_signals.contains(s))
+        .collect();
         let session_name = args
             .name
             .clone()
@@ -415,6 +585,11 @@ impl RunConfig {
             consul,
             command: args.command.clone(),
             host,
+            id,
+            priority_window: args.priority_window,
+            restart,
+            forward_signals,
+            stop_signals,
         })
     }
 }
@@ -476,19 +651,113 @@ pub fn validate_limit(limit: u32) -> Result<u32, ConfigError> {
     Ok(limit)
 }
 
+/// An `--id`: printable, short, so that it reads well in the key's value and in `status`.
+fn validate_id(id: &str) -> Result<String, ConfigError> {
+    if id.trim().is_empty() || id.trim() != id || id.chars().any(char::is_control) {
+        return Err(bad(format!(
+            "--id {id:?} must be printable, without leading or trailing whitespace; use a name such as web-2"
+        )));
+    }
+    if id.len() > 128 {
+        return Err(bad("--id is longer than 128 bytes; use a shorter name"));
+    }
+    Ok(id.to_string())
+}
+
+/// `--restart`, `--restart-delay` and `--restart-limit N/PERIOD`.
+fn parse_restart(args: &RunArgs) -> Result<Restart, ConfigError> {
+    at_most("--restart-delay", args.restart_delay, MAX_TTL, "")?;
+    let limit_err = || {
+        bad(format!(
+            "--restart-limit {} is not N/PERIOD; use e.g. 5/10m (at most 5 starts within 10 minutes)",
+            args.restart_limit
+        ))
+    };
+    let (n, period) = args.restart_limit.split_once('/').ok_or_else(limit_err)?;
+    let limit: u32 = n.trim().parse().map_err(|_| limit_err())?;
+    let period = humantime::parse_duration(period.trim()).map_err(|_| limit_err())?;
+    if limit == 0 || period.is_zero() {
+        return Err(bad(format!(
+            "--restart-limit {} allows no start; use at least 1 start in a period above 0, e.g. 5/10m",
+            args.restart_limit
+        )));
+    }
+    at_most(
+        "--restart-limit's period",
+        period,
+        Duration::from_secs(7 * 24 * 3600),
+        "",
+    )?;
+    Ok(Restart {
+        policy: args.restart,
+        delay: args.restart_delay,
+        max_delay: args.restart_delay.max(Duration::from_secs(60)),
+        limit,
+        period,
+    })
+}
+
+/// `--forward-signals`: names or numbers, comma separated, from the signals a wrapper can pass
+/// on without losing its own way to be stopped.
+fn parse_forward_signals(list: &str, stop_signal: Signal) -> Result<Vec<Signal>, ConfigError> {
+    const FORWARDABLE: [Signal; 6] = [
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+        Signal::SIGUSR1,
+        Signal::SIGUSR2,
+        Signal::SIGWINCH,
+        Signal::SIGALRM,
+    ];
+    let mut out = Vec::new();
+    for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        let sig = signal_by_name(name).ok_or_else(|| {
+            bad(format!(
+                "--forward-signals: {name} is not a signal name; use HUP, QUIT, USR1, USR2, WINCH or ALRM"
+            ))
+        })?;
+        if sig == Signal::SIGTERM || sig == Signal::SIGINT {
+            return Err(bad(format!(
+                "--forward-signals cannot take {}: TERM and INT always stop the command and the wrapper",
+                sig.as_str()
+            )));
+        }
+        if !FORWARDABLE.contains(&sig) {
+            return Err(bad(format!(
+                "--forward-signals cannot take {}; use HUP, QUIT, USR1, USR2, WINCH or ALRM",
+                sig.as_str()
+            )));
+        }
+        if sig == stop_signal {
+            return Err(bad(format!(
+                "{} is both the --stop-signal and in --forward-signals; a forwarded signal would stop \
+                 the command behind the wrapper's back: remove it from --forward-signals",
+                sig.as_str()
+            )));
+        }
+        if !out.contains(&sig) {
+            out.push(sig);
+        }
+    }
+    Ok(out)
+}
+
+/// A signal by name (`TERM`, `SIGTERM`, `term`) or number.
+fn signal_by_name(s: &str) -> Option<Signal> {
+    let upper = s.trim().to_ascii_uppercase();
+    if let Ok(n) = upper.parse::<i32>() {
+        return Signal::try_from(n).ok();
+    }
+    let name = if upper.starts_with("SIG") {
+        upper
+    } else {
+        format!("SIG{upper}")
+    };
+    Signal::from_str(&name).ok()
+}
+
 /// Accepts `TERM`, `SIGTERM`, `term` or a number.
 pub fn parse_signal(s: &str) -> Result<Signal, ConfigError> {
-    let upper = s.trim().to_ascii_uppercase();
-    let parsed = if let Ok(n) = upper.parse::<i32>() {
-        Signal::try_from(n).ok()
-    } else {
-        let name = if upper.starts_with("SIG") {
-            upper.clone()
-        } else {
-            format!("SIG{upper}")
-        };
-        Signal::from_str(&name).ok()
-    };
+    let parsed = signal_by_name(s);
     match parsed {
         Some(Signal::SIGKILL) | Some(Signal::SIGSTOP) => Err(bad(format!(
             "--stop-signal {s} cannot be caught, so the command could not stop cleanly; use TERM, INT, HUP or QUIT"
@@ -630,6 +899,56 @@ mod tests {
     }
 
     #[test]
+    fn forwarded_signals_stop_nothing_and_stay_forwardable() {
+        let c = run_args(&[]).unwrap();
+        assert_eq!(
+            c.forward_signals,
+            [Signal::SIGUSR1, Signal::SIGUSR2, Signal::SIGWINCH]
+        );
+        assert_eq!(
+            c.stop_signals,
+            [
+                Signal::SIGTERM,
+                Signal::SIGINT,
+                Signal::SIGHUP,
+                Signal::SIGQUIT
+            ]
+        );
+        let c = run_args(&["--forward-signals", "hup,USR1"]).unwrap();
+        assert_eq!(c.forward_signals, [Signal::SIGHUP, Signal::SIGUSR1]);
+        assert!(!c.stop_signals.contains(&Signal::SIGHUP));
+        for bad in ["TERM", "INT", "KILL", "CHLD", "nope"] {
+            assert!(run_args(&["--forward-signals", bad]).is_err(), "{bad}");
+        }
+        let e = run_args(&["--stop-signal", "USR1"]).unwrap_err();
+        assert!(e.0.contains("--forward-signals"), "{e}");
+        assert!(run_args(&["--stop-signal", "USR1", "--forward-signals", "USR2"]).is_ok());
+    }
+
+    #[test]
+    fn restart_limits_parse() {
+        let c = run_args(&["--restart", "on-failure", "--restart-limit", "3/1m"]).unwrap();
+        assert_eq!(c.restart.policy, RestartPolicy::OnFailure);
+        assert_eq!(
+            (c.restart.limit, c.restart.period),
+            (3, Duration::from_secs(60))
+        );
+        assert_eq!(c.restart.max_delay, Duration::from_secs(60));
+        for bad in ["5", "0/10m", "x/10m", "5/0s", "5/ten"] {
+            assert!(run_args(&["--restart-limit", bad]).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn ids_default_to_the_host_and_are_checked() {
+        let c = run_args(&[]).unwrap();
+        assert_eq!(c.id, c.host);
+        assert_eq!(run_args(&["--id", "web-2"]).unwrap().id, "web-2");
+        assert!(run_args(&["--id", " web"]).is_err());
+        assert!(run_args(&["--id", "a\rb"]).is_err());
+    }
+
+    #[test]
     fn signals_parse_by_name_and_number() {
         assert_eq!(parse_signal("term").unwrap(), Signal::SIGTERM);
         assert_eq!(parse_signal("SIGINT").unwrap(), Signal::SIGINT);
@@ -663,15 +982,15 @@ mod tests {
         // Any well-formed certificate will do for parsing.
         std::fs::write(&ca, TEST_CERT_PEM).unwrap();
         let tls = |file: Option<&Path>| {
-            let args = ConsulArgs {
+            let args = Resolved {
+                http_addr: DEFAULT_HTTP_ADDR.into(),
                 ca_file: file.map(Path::to_path_buf),
                 ca_path: Some(dir.clone()),
-                // Whatever the environment running the test says.
                 client_cert: None,
                 client_key: None,
-                ..consul_args()
+                tls_server_name: None,
             };
-            TlsConfig::from_args(&args, false)
+            TlsConfig::from_resolved(&args, false)
         };
         let both = tls(Some(&ca));
         let only_dir = tls(None);
@@ -681,13 +1000,23 @@ mod tests {
         assert!(e.0.contains("README") && e.0.contains("--ca-path"), "{e}");
     }
 
-    fn consul_args() -> ConsulArgs {
-        let cli =
-            crate::cli::Cli::try_parse_from(["consul-leader", "status", "--key", "k"]).unwrap();
-        match cli.command {
-            crate::cli::Command::Status(args) => args.consul,
-            _ => unreachable!(),
-        }
+    #[test]
+    fn a_host_without_a_port_is_named_with_the_port_it_gets() {
+        let named = |a: &str| describe_address(a, &parse_address(a, false).unwrap().0);
+        assert_eq!(named("127.0.0.1:8500"), "127.0.0.1:8500");
+        assert_eq!(named("http://[::1]:8500/"), "http://[::1]:8500/");
+        assert_eq!(named("unix:///run/consul.sock"), "unix:///run/consul.sock");
+        assert!(
+            named("localhost").contains("port 80"),
+            "{}",
+            named("localhost")
+        );
+        assert!(named("https://consul").contains("port 443"));
+        assert!(
+            named("[::1]").contains("use [::1]:8500"),
+            "{}",
+            named("[::1]")
+        );
     }
 
     /// A self-signed certificate, only ever parsed.

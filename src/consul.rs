@@ -83,7 +83,9 @@ pub enum ConsulError {
         status: u16,
         body: String,
     },
-    #[error("cannot read Consul's answer to {op}: {detail}")]
+    #[error(
+        "the answer to {op} is not what a Consul agent sends ({detail}); is this a Consul agent? check CONSUL_HTTP_ADDR / --http-addr"
+    )]
     Decode { op: &'static str, detail: String },
 }
 
@@ -240,6 +242,11 @@ impl Client {
         if let Some(socket) = &cfg.unix_socket {
             builder = builder.unix_socket(socket.clone());
         }
+        if !cfg.base_url.starts_with("https://") {
+            // Plain HTTP (or a unix socket) never verifies a certificate: trust no roots, so that
+            // the system's CA store (a hundred files or more) is neither read nor kept in memory.
+            return Ok(builder.tls_certs_only(Vec::new()));
+        }
         if !cfg.tls.ca_pems.is_empty() {
             // Like Consul's client: a configured CA replaces the system's roots.
             let mut certs = Vec::new();
@@ -366,10 +373,18 @@ impl Client {
     }
 
     fn unexpected(op: &'static str, status: StatusCode, body: &[u8]) -> ConsulError {
+        let text = String::from_utf8_lossy(body);
+        // Consul's error bodies are one line of plain text; a web page means another server.
+        if text.trim_start().starts_with('<') {
+            return ConsulError::Decode {
+                op,
+                detail: format!("HTTP {} with a web page", status.as_u16()),
+            };
+        }
         ConsulError::Status {
             op,
             status: status.as_u16(),
-            body: String::from_utf8_lossy(body).trim().to_string(),
+            body: text.split_whitespace().collect::<Vec<_>>().join(" "),
         }
     }
 

@@ -49,7 +49,15 @@
 //!    the silence, a fatal error, a crash) releases without the mark, and the wait it still owed
 //!    when it sent its acquire is in its value (`owed_ms`). Its successor first sees the key
 //!    free at `F` after that acquire, so `F + owed >= ` the end of the debt it inherits.
-//! 7. **Fencing tokens.** A child's token is the `ModifyIndex` of the acquire that admitted it: a
+//! 7. **Our own previous term.** After a loss, a wrapper that stays in the race
+//!    (`--on-lost recontend`) may find the key still naming the session of its own previous
+//!    term, which this very process ended by confirming its child gone. Then nothing of that
+//!    holder can run; what is owed is only what that term itself still owed to earlier holders,
+//!    which the process knows to the instant ([`PreviousTerm`]). A restarted wrapper (a new
+//!    process, even with the same `--id`) cannot prove it, and waits as anyone else.
+//! 8. **Priority** (`--priority-window`) only delays *other* contenders' acquires after an unclean
+//!    end; it never shortens a wait, so it cannot break 1 to 7.
+//! 9. **Fencing tokens.** A child's token is the `ModifyIndex` of the acquire that admitted it: a
 //!    Raft index, which grows with every write in the cluster, across deletions and
 //!    recreations of the key. (An agent or cluster that loses its Raft state starts its indexes
 //!    again; nothing outside the cluster can fix that.)
@@ -78,6 +86,9 @@ pub struct HolderValue {
     /// `host:pid`, a name a person can find.
     #[serde(default)]
     pub holder: String,
+    /// The holder's stable identity (`--id`): who gets the lock back first after a fault.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
     #[serde(default)]
     pub host: String,
     #[serde(default)]
@@ -110,10 +121,12 @@ fn millis(d: Duration) -> u64 {
 }
 
 impl HolderValue {
-    /// The value a contender with `timing` acquires with, still owing `owed` to earlier holders.
-    pub fn new(host: &str, session: &SessionId, timing: &Timing, owed: Duration) -> Self {
+    /// The value contender `id` on `host` with `timing` acquires with, still owing `owed` to
+    /// earlier holders.
+    pub fn new(host: &str, id: &str, session: &SessionId, timing: &Timing, owed: Duration) -> Self {
         Self {
             holder: format!("{host}:{}", std::process::id()),
+            id: Some(id.to_string()),
             host: host.to_string(),
             pid: std::process::id(),
             session: session.0.clone(),
@@ -284,6 +297,17 @@ pub fn describe_holder(session: &str, holder: Option<&HolderValue>) -> String {
     }
 }
 
+/// What a wrapper remembers of its own previous term, for the next one: a key that still names
+/// that term's session was left by this very process, which confirmed its child gone, so the
+/// only wait owed is what that term itself still owed (module docs, 7).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PreviousTerm {
+    pub session: String,
+    /// What the previous term still owed to earlier holders when it ended (`None`: nothing,
+    /// e.g. because its child ran).
+    pub owed_until: Option<BootTime>,
+}
+
 /// Tracks what a contender has seen of the key, to decide its wait when it wins.
 #[derive(Debug, Default, Clone)]
 pub struct FreeWatch {
@@ -293,13 +317,24 @@ pub struct FreeWatch {
     since: Option<(BootTime, Option<u64>)>,
     /// The wait owed from `since`, as the key last looked.
     owed: Duration,
+    /// A wait owed until a known moment instead (our own previous term's debt).
+    owed_until: Option<BootTime>,
     /// The last holder's lock-delay, when its value says.
     holder_lock_delay: Option<Duration>,
+    /// The id of a last holder that lost the lock uncleanly: it has priority.
+    lost_by: Option<String>,
 }
 
 impl FreeWatch {
-    /// Records one observation of the key made at `now`.
-    pub fn observe(&mut self, view: &KeyView, own: &Timing, now: BootTime) {
+    /// Records one observation of the key made at `now`; `previous` is this process's own
+    /// previous term, if any.
+    pub fn observe(
+        &mut self,
+        view: &KeyView,
+        own: &Timing,
+        previous: Option<&PreviousTerm>,
+        now: BootTime,
+    ) {
         let period = match view {
             KeyView::Absent => None,
             KeyView::Free { lock_index, .. } => Some(*lock_index),
@@ -312,14 +347,33 @@ impl FreeWatch {
         if self.since.is_none_or(|(_, p)| p != period) {
             self.since = Some((now, period));
         }
-        self.owed = owed_wait(view, own).unwrap_or_default();
-        self.holder_lock_delay = match view {
+        let last = match view {
             KeyView::Free {
                 last: LastHolder::Unclean(Some(v)),
                 ..
-            } => v.lock_delay_ms.map(Duration::from_millis),
+            } => Some(v),
             _ => None,
         };
+        match (last, previous) {
+            (Some(v), Some(p)) if v.session == p.session => {
+                self.owed = Duration::ZERO;
+                self.owed_until = p.owed_until;
+            }
+            _ => {
+                self.owed = owed_wait(view, own).unwrap_or_default();
+                self.owed_until = None;
+            }
+        }
+        self.holder_lock_delay = last.and_then(|v| v.lock_delay_ms.map(Duration::from_millis));
+        self.lost_by = last.and_then(|v| v.id.clone());
+    }
+
+    /// Until when contender `own_id` must leave the free key to the holder that lost it to a
+    /// fault (module docs, 8), and that holder's id; `None` when nobody has priority over us.
+    pub fn priority(&self, own_id: &str, window: Duration) -> Option<(BootTime, &str)> {
+        let (since, _) = self.since?;
+        let by = self.lost_by.as_deref().filter(|by| *by != own_id)?;
+        (!window.is_zero()).then_some((since + window, by))
     }
 
     /// When the lock-delay that refuses the key probably ends: the last holder's lock-delay (or
@@ -333,10 +387,9 @@ impl FreeWatch {
     /// Until when our child must wait, having acquired (or sent the acquire) at `now`: `None`
     /// means it may start at once.
     pub fn owed_until(&self, now: BootTime) -> Option<BootTime> {
-        if self.owed.is_zero() {
-            return None;
-        }
-        let until = self.since.map_or(now, |(t, _)| t) + self.owed;
+        let relative =
+            (!self.owed.is_zero()).then(|| self.since.map_or(now, |(t, _)| t) + self.owed);
+        let until = relative.max(self.owed_until)?;
         (until > now).then_some(until)
     }
 }
@@ -413,7 +466,7 @@ mod tests {
             lock_delay: secs(lock_delay),
             silence: secs(ttl),
         };
-        HolderValue::new("h1", &sid("other"), &t, secs(owed))
+        HolderValue::new("h1", "h1", &sid("other"), &t, secs(owed))
     }
 
     fn entry(session: Option<&str>, lock_index: u64, value: Option<&HolderValue>) -> KvEntry {
@@ -545,11 +598,12 @@ mod tests {
                 holder: None,
             },
             &OWN,
+            None,
             at(0),
         );
         let dirty = free(7, LastHolder::Unclean(Some(Box::new(holder(15, 1, 0)))));
-        w.observe(&dirty, &OWN, at(1));
-        w.observe(&dirty, &OWN, at(10));
+        w.observe(&dirty, &OWN, None, at(1));
+        w.observe(&dirty, &OWN, None, at(10));
         // Acquired at 12 (after lock-delay): the holder's 15s end 15s after 1, not after 12.
         assert_eq!(w.owed_until(at(12)), Some(at(16)));
         // Acquired after the wait already passed: start at once.
@@ -559,10 +613,10 @@ mod tests {
     #[test]
     fn no_wait_after_a_clean_release_and_a_full_one_for_a_missing_key() {
         let mut w = FreeWatch::default();
-        w.observe(&free(3, LastHolder::Clean), &OWN, at(0));
+        w.observe(&free(3, LastHolder::Clean), &OWN, None, at(0));
         assert_eq!(w.owed_until(at(0)), None);
         let mut w = FreeWatch::default();
-        w.observe(&KeyView::Absent, &OWN, at(0));
+        w.observe(&KeyView::Absent, &OWN, None, at(0));
         assert_eq!(w.owed_until(at(0)), Some(at(3)));
     }
 
@@ -571,28 +625,29 @@ mod tests {
         let dirty = free(7, LastHolder::Unclean(None));
         // Seen in between.
         let mut w = FreeWatch::default();
-        w.observe(&dirty, &OWN, at(0));
+        w.observe(&dirty, &OWN, None, at(0));
         w.observe(
             &KeyView::Held {
                 session: "y".into(),
                 holder: None,
             },
             &OWN,
+            None,
             at(2),
         );
-        w.observe(&free(8, LastHolder::Unclean(None)), &OWN, at(5));
+        w.observe(&free(8, LastHolder::Unclean(None)), &OWN, None, at(5));
         assert_eq!(w.owed_until(at(5)), Some(at(8)));
         // Not seen: the LockIndex tells.
         let mut w = FreeWatch::default();
-        w.observe(&dirty, &OWN, at(0));
-        w.observe(&free(8, LastHolder::Unclean(None)), &OWN, at(5));
+        w.observe(&dirty, &OWN, None, at(0));
+        w.observe(&free(8, LastHolder::Unclean(None)), &OWN, None, at(5));
         assert_eq!(w.owed_until(at(5)), Some(at(8)));
         // A key that vanishes, or reappears, starts over too.
         let mut w = FreeWatch::default();
-        w.observe(&dirty, &OWN, at(0));
-        w.observe(&KeyView::Absent, &OWN, at(2));
+        w.observe(&dirty, &OWN, None, at(0));
+        w.observe(&KeyView::Absent, &OWN, None, at(2));
         assert_eq!(w.owed_until(at(2)), Some(at(5)));
-        w.observe(&free(1, LastHolder::Unclean(None)), &OWN, at(4));
+        w.observe(&free(1, LastHolder::Unclean(None)), &OWN, None, at(4));
         assert_eq!(w.owed_until(at(4)), Some(at(7)));
     }
 
@@ -600,15 +655,74 @@ mod tests {
     fn lock_delay_is_the_last_holders_when_it_says() {
         let mut w = FreeWatch::default();
         assert_eq!(w.lock_delay_ends(secs(15)), None);
-        w.observe(&free(2, LastHolder::Unclean(None)), &OWN, at(0));
-        w.observe(&free(2, LastHolder::Unclean(None)), &OWN, at(3));
+        w.observe(&free(2, LastHolder::Unclean(None)), &OWN, None, at(0));
+        w.observe(&free(2, LastHolder::Unclean(None)), &OWN, None, at(3));
         assert_eq!(w.lock_delay_ends(secs(15)), Some(at(15)));
         w.observe(
             &free(2, LastHolder::Unclean(Some(Box::new(holder(9, 4, 0))))),
             &OWN,
+            None,
             at(4),
         );
         assert_eq!(w.lock_delay_ends(secs(15)), Some(at(4)));
+    }
+
+    #[test]
+    fn our_own_previous_term_owes_only_its_own_debt() {
+        let v = holder(15, 1, 0); // session "other"
+        let dirty = free(7, LastHolder::Unclean(Some(Box::new(v))));
+        let mine = PreviousTerm {
+            session: "other".into(),
+            owed_until: None,
+        };
+        let mut w = FreeWatch::default();
+        w.observe(&dirty, &OWN, Some(&mine), at(0));
+        assert_eq!(
+            w.owed_until(at(0)),
+            None,
+            "our own child is gone: nothing owed"
+        );
+        // Lost during its own silence: what it still owed, to the instant.
+        let mid_silence = PreviousTerm {
+            session: "other".into(),
+            owed_until: Some(at(4)),
+        };
+        w.observe(&dirty, &OWN, Some(&mid_silence), at(1));
+        assert_eq!(w.owed_until(at(1)), Some(at(4)));
+        // Another session's value: the usual wait, whatever we remember.
+        let someone_else = PreviousTerm {
+            session: "mine-was-another".into(),
+            owed_until: None,
+        };
+        let mut w = FreeWatch::default();
+        w.observe(&dirty, &OWN, Some(&someone_else), at(0));
+        assert_eq!(w.owed_until(at(0)), Some(at(15)));
+    }
+
+    #[test]
+    fn a_holder_that_lost_to_a_fault_has_priority_for_the_window() {
+        let window = secs(20);
+        let mut w = FreeWatch::default();
+        w.observe(
+            &free(7, LastHolder::Unclean(Some(Box::new(holder(15, 15, 0))))),
+            &OWN,
+            None,
+            at(2),
+        );
+        // Others wait from their first sighting; the holder itself ("h1") does not.
+        assert_eq!(w.priority("web-9", window), Some((at(22), "h1")));
+        assert_eq!(w.priority("h1", window), None);
+        assert_eq!(w.priority("web-9", Duration::ZERO), None, "0 turns it off");
+        // A clean release, a missing key, a consul lock value: nobody has priority.
+        for view in [
+            free(8, LastHolder::Clean),
+            KeyView::Absent,
+            free(9, LastHolder::Unclean(None)),
+        ] {
+            let mut w = FreeWatch::default();
+            w.observe(&view, &OWN, None, at(0));
+            assert_eq!(w.priority("web-9", window), None, "{view:?}");
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@ mod cli;
 mod clock;
 mod config;
 mod consul;
+mod demo;
 mod dev_agent;
 mod docs;
 mod election;
@@ -27,6 +28,7 @@ fn main() -> ExitCode {
         cli::Command::Run(args) => app::main(args),
         cli::Command::Status(args) => status::main(args),
         cli::Command::DevAgent(args) => dev_agent::main(args),
+        cli::Command::Demo => demo::main(),
         cli::Command::GenerateDocs { out_dir } => match docs::write_all(&out_dir) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -1,7 +1,11 @@
 //! `consul-leader status`: who holds a lock key, since when, with which fencing token, and whether
 //! the last holder released cleanly. Reads keys held by `consul lock` and Go's `api.Lock` too, and
-//! says what it can about them. For a semaphore prefix (`run --limit N`, `consul lock -n N`): the
-//! limit, each holder and the free slots. Exit 0 when held, 1 when free, 125 on error.
+//! says what it can about them. Exit 0 when held, 1 when free, 3 when the key is not a lock (a
+//! `consul lock -n` semaphore, or plain data), 125 on error.
+//!
+//! For a semaphore's prefix (`run --limit N`, `consul lock -n N`: the key itself does not exist,
+//! `KEY/.lock` is the coordination key): the limit, each holder and the free slots; exit 0 while
+//! any slot is held, 1 when none is.
 
 use std::process::ExitCode;
 
@@ -18,11 +22,14 @@ use crate::wire::{KvEntry, LOCK_FLAG_VALUE, SEMAPHORE_FLAG_VALUE};
 #[derive(Debug, Serialize, PartialEq)]
 struct Report {
     key: String,
-    /// `held`, `free`, `absent` (no such key) or `not-a-lock`.
+    /// `held`, `free`, `absent` (no such key), `semaphore` or `data` (not a lock).
     state: &'static str,
     held: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     holder: Option<String>,
+    /// The holder's `--id`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     host: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -44,10 +51,22 @@ struct Report {
     released_clean: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     released_at: Option<String>,
+    /// For a key freed by a fault: the id of the holder that lost it, which contenders with a
+    /// `--priority-window` leave the key to for that window after they see it free.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    priority: Option<String>,
     /// Who wrote the key: `consul-leader`, `consul lock / api.Lock`, or `other`.
     written_by: &'static str,
     flags: u64,
+    /// A semaphore's coordination key (`consul lock -n N`): its limit and the sessions holding it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    limit: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    holders: Option<Vec<String>>,
 }
+
+/// Exit code when the key is not a lock.
+const NOT_A_LOCK: u8 = 3;
 
 pub fn main(args: StatusArgs) -> ExitCode {
     let consul = match validate_key(&args.key).and_then(|_| ConsulConfig::from_args(&args.consul)) {
@@ -67,36 +86,42 @@ pub fn main(args: StatusArgs) -> ExitCode {
             return ExitCode::from(exit::INTERNAL);
         }
     };
-    // A semaphore prefix (`run --limit N`, `consul lock -n N`) has its own view.
-    match runtime.block_on(semaphore_report(consul.clone(), &args.key)) {
-        Ok(Some(r)) => {
-            if args.json {
-                println!("{}", serde_json::to_string(&r).unwrap_or_default());
-            } else {
-                print!("{}", render_semaphore(&r));
-            }
-            return ExitCode::from(if r.held { 0 } else { 1 });
-        }
-        Ok(None) => {}
+    let r = match runtime.block_on(report(consul.clone(), &args.key)) {
+        Ok(r) => r,
         Err(e) => {
             eprintln!("consul-leader: {e:#}");
             return ExitCode::from(exit::INTERNAL);
         }
-    }
-    match runtime.block_on(report(consul, &args.key)) {
-        Ok(r) => {
-            if args.json {
-                println!("{}", serde_json::to_string(&r).unwrap_or_default());
-            } else {
-                print!("{}", render(&r));
+    };
+    // A key that does not exist may be a semaphore's prefix (`run --limit N`,
+    // `consul lock -n N`), which has a view of its own.
+    if r.state == "absent" {
+        match runtime.block_on(semaphore_report(consul, &args.key)) {
+            Ok(Some(s)) => {
+                if args.json {
+                    println!("{}", serde_json::to_string(&s).unwrap_or_default());
+                } else {
+                    print!("{}", render_semaphore(&s));
+                }
+                return ExitCode::from(if s.held { 0 } else { 1 });
             }
-            ExitCode::from(if r.held { 0 } else { 1 })
-        }
-        Err(e) => {
-            eprintln!("consul-leader: {e:#}");
-            ExitCode::from(exit::INTERNAL)
+            Ok(None) => {}
+            Err(e) => {
+                eprintln!("consul-leader: {e:#}");
+                return ExitCode::from(exit::INTERNAL);
+            }
         }
     }
+    if args.json {
+        println!("{}", serde_json::to_string(&r).unwrap_or_default());
+    } else {
+        print!("{}", render(&r));
+    }
+    ExitCode::from(match r.state {
+        "held" => 0,
+        "semaphore" | "data" => NOT_A_LOCK,
+        _ => 1,
+    })
 }
 
 async fn report(consul: ConsulConfig, key: &str) -> anyhow::Result<Report> {
@@ -119,6 +144,7 @@ fn describe(key: &str, entry: Option<&KvEntry>) -> Report {
         state: "absent",
         held: false,
         holder: None,
+        id: None,
         host: None,
         pid: None,
         session: None,
@@ -128,14 +154,42 @@ fn describe(key: &str, entry: Option<&KvEntry>) -> Report {
         fencing_token: 0,
         released_clean: None,
         released_at: None,
+        priority: None,
         written_by: "other",
         flags: 0,
+        limit: None,
+        holders: None,
     };
     let Some(e) = entry else { return r };
     r.flags = e.flags;
     r.fencing_token = e.modify_index;
+    if e.flags == SEMAPHORE_FLAG_VALUE {
+        r.state = "semaphore";
+        r.written_by = "consul lock -n / api.Semaphore";
+        r.session = e.session.clone();
+        // The coordination key (`<prefix>/.lock`) lists the limit and the holders' sessions; a
+        // contender's own key (`<prefix>/<session>`) only carries its session.
+        #[derive(serde::Deserialize)]
+        struct Coordination {
+            #[serde(rename = "Limit")]
+            limit: u64,
+            #[serde(rename = "Holders", default)]
+            holders: std::collections::BTreeMap<String, bool>,
+        }
+        if let Ok(c) = serde_json::from_slice::<Coordination>(&e.value_bytes()) {
+            r.limit = Some(c.limit);
+            r.holders = Some(
+                c.holders
+                    .into_iter()
+                    .filter(|(_, v)| *v)
+                    .map(|(k, _)| k)
+                    .collect(),
+            );
+        }
+        return r;
+    }
     if e.flags != LOCK_FLAG_VALUE {
-        r.state = "not-a-lock";
+        r.state = "data";
         return r;
     }
     let value = HolderValue::parse(&e.value_bytes());
@@ -151,17 +205,23 @@ fn describe(key: &str, entry: Option<&KvEntry>) -> Report {
         // The value describes the holder only while its session is the one holding the key.
         Some(v) if r.held && e.session.as_deref() == Some(v.session.as_str()) => {
             r.holder = Some(v.holder);
+            r.id = v.id;
             r.host = Some(v.host);
             r.pid = Some(v.pid);
             r.since = Some(v.acquired_at);
         }
         Some(v) if !r.held => {
+            let clean = v.is_clean();
             r.holder = Some(v.holder);
             r.host = Some(v.host);
             r.pid = Some(v.pid);
             r.since = Some(v.acquired_at);
-            r.released_clean = Some(v.released.as_deref() == Some("clean"));
+            r.released_clean = Some(clean);
             r.released_at = v.released_at;
+            if !clean {
+                r.priority = v.id.clone();
+            }
+            r.id = v.id;
         }
         _ => {}
     }
@@ -177,14 +237,46 @@ fn render(r: &Report) -> String {
             line("state", "free (the key does not exist)");
             return out;
         }
-        "not-a-lock" => {
-            let what = if r.flags == SEMAPHORE_FLAG_VALUE {
-                "a Consul semaphore, not a lock".to_string()
-            } else {
-                format!("data that is not a lock (flags {})", r.flags)
-            };
+        "semaphore" => {
             line("key", &r.key);
-            line("state", &format!("not a lock: the key holds {what}"));
+            line(
+                "state",
+                "not a lock: a Consul semaphore (consul lock -n, api.Semaphore)",
+            );
+            if let Some(limit) = r.limit {
+                line("limit", &limit.to_string());
+            }
+            match (&r.holders, &r.session) {
+                (Some(h), _) if h.is_empty() => line("holders", "none"),
+                (Some(h), _) => line("holders", &h.join(", ")),
+                (None, Some(s)) => line("contender", &format!("session {s}")),
+                (None, None) => {}
+            }
+            if r.limit.is_none() {
+                line(
+                    "hint",
+                    "the semaphore's limit and holders are in the key <prefix>/.lock",
+                );
+            }
+            if let Some(prefix) = r.key.strip_suffix("/.lock") {
+                line(
+                    "hint",
+                    &format!(
+                        "consul-leader status --key {prefix} shows each holder and the free slots"
+                    ),
+                );
+            }
+            return out;
+        }
+        "data" => {
+            line("key", &r.key);
+            line(
+                "state",
+                &format!(
+                    "not a lock: the key holds data (flags {}), not a lock of consul-leader, consul lock or api.Lock",
+                    r.flags
+                ),
+            );
             return out;
         }
         _ => {}
@@ -194,6 +286,9 @@ fn render(r: &Report) -> String {
     if r.held {
         if let Some(h) = &r.holder {
             line("holder", h);
+        }
+        if let Some(id) = &r.id {
+            line("id", id);
         }
         if let Some(s) = &r.session {
             line("session", s);
@@ -214,6 +309,9 @@ fn render(r: &Report) -> String {
         if let Some(h) = &r.holder {
             line("last holder", h);
         }
+        if let Some(id) = &r.id {
+            line("id", id);
+        }
         let released = match (r.released_clean, &r.released_at) {
             (Some(true), Some(at)) => format!("cleanly, at {at}"),
             (Some(true), None) => "cleanly".to_string(),
@@ -223,6 +321,15 @@ fn render(r: &Report) -> String {
             (None, _) => "unknown (not written by consul-leader)".into(),
         };
         line("released", &released);
+        if let Some(id) = &r.priority {
+            line(
+                "priority",
+                &format!(
+                    "{id} (it lost the lock to a fault; contenders with --priority-window leave it the \
+                     key that long after they see it free)"
+                ),
+            );
+        }
     }
     line("fencing token", &r.fencing_token.to_string());
     line("written by", r.written_by);
@@ -280,16 +387,14 @@ struct SlotHolder {
     written_by: &'static str,
 }
 
-/// The view of `key` as a semaphore prefix, when `key/.lock` (or `key` itself, named `.lock`) is
-/// a semaphore's coordination key; `None` otherwise.
+/// The view of `key` as a semaphore prefix, when `key/.lock` is a semaphore's coordination key;
+/// `None` otherwise.
 async fn semaphore_report(
     consul: ConsulConfig,
     key: &str,
 ) -> anyhow::Result<Option<SemaphoreReport>> {
     use crate::lock::semaphore;
-    let prefix = key
-        .strip_suffix(&format!("/{}", semaphore::LOCK_KEY))
-        .unwrap_or(key);
+    let prefix = key;
     let client = Client::new(consul)?;
     let lock = semaphore::lock_key(prefix);
     let entry = match client.kv_get(&lock, ReadOpts::default()).await {
@@ -476,7 +581,13 @@ mod tests {
 
     #[test]
     fn held_by_consul_leader() {
-        let v = HolderValue::new("web1", &SessionId("s1".into()), &TIMING, Duration::ZERO);
+        let v = HolderValue::new(
+            "web1",
+            "web1",
+            &SessionId("s1".into()),
+            &TIMING,
+            Duration::ZERO,
+        );
         let r = describe(
             "k",
             Some(&entry(Some("s1"), 4, LOCK_FLAG_VALUE, &v.to_bytes())),
@@ -492,8 +603,14 @@ mod tests {
 
     #[test]
     fn free_after_clean_release() {
-        let v = HolderValue::new("web1", &SessionId("s1".into()), &TIMING, Duration::ZERO)
-            .released_clean();
+        let v = HolderValue::new(
+            "web1",
+            "web1",
+            &SessionId("s1".into()),
+            &TIMING,
+            Duration::ZERO,
+        )
+        .released_clean();
         let r = describe("k", Some(&entry(None, 4, LOCK_FLAG_VALUE, &v.to_bytes())));
         assert_eq!(r.state, "free");
         assert_eq!(r.released_clean, Some(true));
@@ -512,8 +629,9 @@ mod tests {
     #[test]
     fn other_keys_are_named_for_what_they_are() {
         let r = describe("k", Some(&entry(None, 0, 0, b"data")));
-        assert_eq!(r.state, "not-a-lock");
+        assert_eq!(r.state, "data");
         assert!(!r.held);
+        assert!(render(&r).contains("not a lock: the key holds data"));
         let r = describe("k", Some(&entry(None, 0, SEMAPHORE_FLAG_VALUE, b"")));
         assert!(render(&r).contains("semaphore"));
         assert_eq!(describe("k", None).state, "absent");
@@ -537,7 +655,13 @@ mod tests {
         let obs = semaphore::observe("p", &[], 3);
         let slots = semaphore::read_slots(&obs, 3).unwrap();
         let rec = |s: &str| SlotRecord {
-            holder: HolderValue::new("web1", &SessionId(s.into()), &TIMING, Duration::ZERO),
+            holder: HolderValue::new(
+                "web1",
+                "web1",
+                &SessionId(s.into()),
+                &TIMING,
+                Duration::ZERO,
+            ),
             token: None,
         };
         let v =
@@ -576,5 +700,25 @@ mod tests {
         );
         assert!(!r.holders.iter().find(|h| h.session == "s1").unwrap().alive);
         assert!(render_semaphore(&r).contains("ended without releasing"));
+    }
+
+    #[test]
+    fn a_semaphores_limit_and_holders_are_shown() {
+        let value = br#"{"Limit":3,"Holders":{"s1":true,"s2":true}}"#;
+        let r = describe(
+            "p/.lock",
+            Some(&entry(None, 0, SEMAPHORE_FLAG_VALUE, value)),
+        );
+        assert_eq!(r.state, "semaphore");
+        assert_eq!(r.limit, Some(3));
+        assert_eq!(
+            r.holders.as_deref(),
+            Some(&["s1".to_string(), "s2".to_string()][..])
+        );
+        let text = render(&r);
+        assert!(
+            text.contains("limit           3") && text.contains("s1, s2"),
+            "{text}"
+        );
     }
 }

@@ -360,6 +360,38 @@ async fn t6_wait_zero_on_a_held_key_exits_busy() {
     agent.destroy_session(&s).await;
 }
 
+/// The cron case writes nothing to Consul: one read answers "busy", no session is created (a
+/// create and a destroy are two Raft writes per host per slot on a real cluster).
+#[tokio::test]
+async fn try_once_on_a_held_key_creates_no_session() {
+    let Some(agent) = common::leader::local_agent() else {
+        return;
+    };
+    let fx = Fixture::new();
+    let key = agent.key("busy-read");
+    let s = agent
+        .create_session(serde_json::json!({"TTL": "60s", "Name": "other"}))
+        .await;
+    assert!(acquire_as_lock(&agent, "busy-read", &s, b"x").await);
+    let sessions_index = || async { agent.get("/v1/session/list").await.index() };
+    let before = sessions_index().await;
+    let mut w = WrapperBuilder::new(&agent, &fx, &key, &common::leader::SHORT)
+        .flag("--wait", "0")
+        .spawn();
+    assert_eq!(exit_of(&mut w).code(), Some(75), "{}", w.output_report());
+    assert!(
+        w.stderr_text().contains("held by session"),
+        "{}",
+        w.stderr_text()
+    );
+    assert_eq!(
+        sessions_index().await,
+        before,
+        "no session was created or destroyed"
+    );
+    agent.destroy_session(&s).await;
+}
+
 // 7. SIGKILL to the leading wrapper: its child dies; the next leader starts only after the
 //    session expired and the silence passed since the key was seen free.
 #[tokio::test]

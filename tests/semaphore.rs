@@ -550,6 +550,14 @@ async fn status_shows_the_limit_holders_and_free_slots() {
     assert!(t.contains(&format!(":{}", a.pid())), "{t}");
     assert!(t.contains(&format!("fencing token {}", token("a"))), "{t}");
     assert!(t.contains("free slots      1"), "{t}");
+    // The coordination key itself is not a lock (exit 3); its answer points at the prefix.
+    let o = status(&agent, &format!("{key}/.lock"), false);
+    let t = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert_eq!(o.status.code(), Some(3), "{t}");
+    assert!(
+        t.contains(&format!("status --key {key} shows each holder")),
+        "{t}"
+    );
 
     let o = status(&agent, &key, true);
     let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();

@@ -19,7 +19,7 @@ use super::{AbortOnDrop, ContendEnd, OpenError, Protocol, Renewal, Verdict};
 use crate::clock::BootTime;
 use crate::config::RunConfig;
 use crate::consul::{Client, ConsulError, ConsulIndex, ReadOpts, SessionId};
-use crate::election::{self, FreeWatch, HolderValue, KeyView};
+use crate::election::{self, FreeWatch, HolderValue, KeyView, PreviousTerm};
 use crate::notify;
 use crate::wire::LOCK_FLAG_VALUE;
 
@@ -51,7 +51,7 @@ impl super::Term for Term {
 pub struct Won {
     /// What we wrote into the key; a release writes it back (marked clean when earned).
     pub value: HolderValue,
-    /// The ModifyIndex of our acquire (election's module docs, 7).
+    /// The ModifyIndex of our acquire (election's module docs, 9).
     pub fencing_token: u64,
     /// Where the leader's watch starts.
     pub index: ConsulIndex,
@@ -72,11 +72,17 @@ impl super::Won for Won {
 pub struct ConsulMutex {
     client: Arc<Client>,
     cfg: RunConfig,
+    /// This process's previous term, once one ended (election's module docs, 7).
+    previous: Option<PreviousTerm>,
 }
 
 impl ConsulMutex {
     pub fn new(client: Arc<Client>, cfg: RunConfig) -> Self {
-        Self { client, cfg }
+        Self {
+            client,
+            cfg,
+            previous: None,
+        }
     }
 
     /// Releases the key, writing `value` back, marked clean when `clean` (election's module
@@ -189,12 +195,18 @@ impl Protocol for ConsulMutex {
         let mut delay_attempt = 0u32;
         let mut errors = Errors::new(format!("cannot read {}", cfg.key));
         let expired = |d: Option<Instant>| d.is_some_and(|d| Instant::now() >= d);
+        // While a previous holder has priority: read no longer than until it ends.
+        let mut priority_ends: Option<Instant> = None;
         loop {
             if term.renewals.borrow().end.is_some() {
                 return Err(ContendEnd::SessionGone);
             }
             let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-            let wait = remaining.unwrap_or(MAX_BLOCK).min(MAX_BLOCK);
+            let priority_left = priority_ends.map(|p| p.saturating_duration_since(Instant::now()));
+            let wait = [remaining, priority_left]
+                .into_iter()
+                .flatten()
+                .fold(MAX_BLOCK, Duration::min);
             let opts = if index.0 == 0 || wait.is_zero() {
                 ReadOpts::default()
             } else {
@@ -217,7 +229,9 @@ impl Protocol for ConsulMutex {
                 Err(e) => return Err(ContendEnd::Fatal(format!("cannot read {}: {e}", cfg.key))),
             };
             let view = election::classify(entry.as_ref(), &session);
-            term.free_watch.observe(&view, &timing, BootTime::now());
+            term.free_watch
+                .observe(&view, &timing, self.previous.as_ref(), BootTime::now());
+            priority_ends = None;
             match view {
                 KeyView::Foreign { flags } => {
                     return Err(ContendEnd::Fatal(election::foreign_key_error(
@@ -243,12 +257,37 @@ impl Protocol for ConsulMutex {
                 }
                 KeyView::Ours | KeyView::Absent | KeyView::Free { .. } => {}
             }
+            // Leave the key to a previous holder that lost it to a fault, for the window: it
+            // gets it back first (election's module docs, 8).
+            let now = BootTime::now();
+            if let Some((until, by)) = term.free_watch.priority(&cfg.id, cfg.priority_window) {
+                if until > now {
+                    let left = until.saturating_duration_since(now);
+                    let who = format!("priority of {by}");
+                    if announced.as_deref() != Some(who.as_str()) {
+                        info!(
+                            "the lock on {} is free, but its previous holder {by} lost it to a fault and has priority; trying in {}",
+                            cfg.key,
+                            humantime::format_duration(Duration::from_millis(
+                                left.as_millis() as u64
+                            ))
+                        );
+                        notify::status(&format!("standby, {by} has priority"));
+                        announced = Some(who);
+                    }
+                    if expired(deadline) {
+                        return Err(ContendEnd::Busy);
+                    }
+                    priority_ends = Some(Instant::now() + left);
+                    index = next_index(index, new_index);
+                    continue;
+                }
+            }
             // Made at each attempt, so that `acquired_at` says when we won and `owed_ms` what we
             // still owed when we sent it (election's module docs, 6).
-            let now = BootTime::now();
             let owed_until = term.free_watch.owed_until(now);
             let owed = owed_until.map_or(Duration::ZERO, |u| u.saturating_duration_since(now));
-            let value = HolderValue::new(&cfg.host, &session, &timing, owed);
+            let value = HolderValue::new(&cfg.host, &cfg.id, &session, &timing, owed);
             term.in_flight = Some(value.clone());
             let failed = match client
                 .kv_acquire(&cfg.key, &session, LOCK_FLAG_VALUE, value.to_bytes())
@@ -288,7 +327,12 @@ impl Protocol for ConsulMutex {
                     match client.kv_get(&cfg.key, ReadOpts::default()).await {
                         Ok((entry, _)) => {
                             let view = election::classify(entry.as_ref(), &session);
-                            term.free_watch.observe(&view, &timing, BootTime::now());
+                            term.free_watch.observe(
+                                &view,
+                                &timing,
+                                self.previous.as_ref(),
+                                BootTime::now(),
+                            );
                             if matches!(view, KeyView::Free { .. } | KeyView::Absent) {
                                 if delay_attempt == 0 {
                                     info!(
@@ -348,6 +392,34 @@ impl Protocol for ConsulMutex {
     }
     /// After a contention was cut short (a stop signal, a definitive error): if an acquire may
     /// have gone through, let go of the key, marked clean only when no wait was owed any more.
+    async fn busy(&self) -> Option<String> {
+        let (entry, _) = self
+            .client
+            .kv_get(&self.cfg.key, ReadOpts::default())
+            .await
+            .ok()?;
+        // No session of ours exists yet: any session in the key is another's.
+        let view = election::classify(entry.as_ref(), &SessionId(String::new()));
+        match view {
+            KeyView::Held { session, holder } => Some(format!(
+                "held by {}",
+                election::describe_holder(&session, holder.as_deref())
+            )),
+            KeyView::Free { .. } => {
+                let mut watch = FreeWatch::default();
+                watch.observe(&view, &self.cfg.timing(), None, BootTime::now());
+                watch
+                    .priority(&self.cfg.id, self.cfg.priority_window)
+                    .map(|(_, by)| format!("its previous holder {by} has priority"))
+            }
+            _ => None,
+        }
+    }
+
+    fn remember(&mut self, previous: PreviousTerm) {
+        self.previous = Some(previous);
+    }
+
     async fn abandon(&self, term: &mut Term) {
         if let Some(value) = term.in_flight.take() {
             let clean = election::may_mark_clean(

@@ -20,6 +20,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use crate::clock::BootTime;
+use crate::election::PreviousTerm;
 
 /// One engine's way to win, hold and leave a lock. Every method but [`Protocol::open`] is
 /// cancel-safe where `app` races it against signals.
@@ -51,6 +52,20 @@ pub trait Protocol {
 
     /// After a contention was cut short: lets go of a lock an acquire may have taken.
     async fn abandon(&self, term: &mut Self::Term);
+
+    /// One read that tells, without opening a term, that the lock is certainly not to be had
+    /// now: `Some(why)` (held, or another holder has priority). For `--wait 0`, so that the
+    /// usual cron case writes nothing to the engine. `None` when it may be free, or on any
+    /// error (the full path then reports it).
+    async fn busy(&self) -> Option<String> {
+        None
+    }
+
+    /// Remembers this process's previous term after a loss, for the next contention
+    /// (`election::PreviousTerm`). Protocols that cannot use it ignore it.
+    fn remember(&mut self, previous: PreviousTerm) {
+        let _ = previous;
+    }
 }
 
 /// An open term.

@@ -787,6 +787,7 @@ impl ConsulSemaphore {
         let key = contender_key(self.prefix(), &term.session.0);
         let mut who = HolderValue::new(
             &self.cfg.host,
+            &self.cfg.id,
             &term.session,
             &self.cfg.timing(),
             Duration::ZERO,
@@ -965,7 +966,7 @@ impl Protocol for ConsulSemaphore {
             let now = BootTime::now();
             let owed = owed_until.map_or(Duration::ZERO, |u| u.saturating_duration_since(now));
             let record = SlotRecord {
-                holder: HolderValue::new(&cfg.host, &session, &timing, owed),
+                holder: HolderValue::new(&cfg.host, &cfg.id, &session, &timing, owed),
                 token: None,
             };
             let value = admitted_value(&slots, &session, &choice, record);
@@ -1031,6 +1032,34 @@ impl Protocol for ConsulSemaphore {
                 self.prefix()
             );
         }
+    }
+
+    /// For `--wait 0`: one listing, busy when every slot is held by a live holder (a dead
+    /// holder's slot, a free slot or a conflict is for the full path to handle).
+    async fn busy(&self) -> Option<String> {
+        let (entries, index) = self
+            .client
+            .kv_list(&self.dir(), ReadOpts::default())
+            .await
+            .ok()?;
+        let obs = observe(self.prefix(), &entries, index.0);
+        let slots = read_slots(&obs, self.limit).ok()?;
+        let me = SessionId(String::new());
+        let choice = choose(
+            &slots,
+            &obs.alive,
+            &me,
+            &self.cfg.timing(),
+            &SlotWatch::default(),
+            BootTime::now(),
+        );
+        (choice == Next::Full).then(|| {
+            format!(
+                "all {} slots are held by {}",
+                self.limit,
+                describe_holders(&slots, &obs)
+            )
+        })
     }
 
     /// After a contention was cut short: if a check-and-set may have admitted us, free the slot
@@ -1137,7 +1166,7 @@ mod tests {
             silence: secs(ttl),
         };
         SlotRecord {
-            holder: HolderValue::new("h1", &sid(session), &t, secs(owed)),
+            holder: HolderValue::new("h1", "h1", &sid(session), &t, secs(owed)),
             token: None,
         }
     }
@@ -1619,7 +1648,7 @@ mod tests {
                             let owed = owed_until
                                 .map_or(Duration::ZERO, |u| u.saturating_duration_since(now));
                             let rec = SlotRecord {
-                                holder: HolderValue::new("h", &c.session, &c.timing, owed),
+                                holder: HolderValue::new("h", "h", &c.session, &c.timing, owed),
                                 token: None,
                             };
                             value = Some(admitted_value(&s, &c.session, &choice, rec));

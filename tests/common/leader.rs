@@ -395,6 +395,11 @@ impl<'a> WrapperBuilder<'a> {
             .env_remove("CONSUL_HTTP_TOKEN")
             .env_remove("CONSUL_HTTP_TOKEN_FILE")
             .env_remove("CONSUL_LEADER_LOG");
+        if !DevAgent::is_real() {
+            // Test agents lower their session_ttl_min to 1s, and the tests use TTLs below
+            // Consul's 10s minimum, which the wrapper refuses unless told the agent's minimum.
+            cmd.env("CONSUL_LEADER_TTL_MIN", "1s");
+        }
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
