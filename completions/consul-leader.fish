@@ -32,6 +32,7 @@ complete -c consul-leader -n "__fish_consul_leader_needs_command" -f -a "dev-age
 complete -c consul-leader -n "__fish_consul_leader_needs_command" -f -a "demo" -d 'Show a leader, a standby and a handover in a few seconds, against a throwaway dev agent'
 complete -c consul-leader -n "__fish_consul_leader_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l key -d 'The Consul KV key to lock, for example `jobs/report`' -r
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l limit -d 'Let at most N holders run at once (a semaphore, the layout of `consul lock -n N`): KEY is then a prefix, holding KEY/.lock and one key per contender. 1 is the lock on KEY itself' -r
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l ttl -d 'Session TTL: how long Consul keeps the session without a renew (it really waits 2x)' -r
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l lock-delay -d 'Lock-delay: after this session is invalidated, Consul refuses the key to others this long' -r
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l silence -d 'Minimum gap between the previous leader\'s end and our command\'s start (skipped after a clean release)' -r
@@ -80,7 +81,7 @@ complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -s q -l
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -s v -l verbose -d 'Also print debug lines (each renew, session IDs, forwarded signals)'
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -s V -l version -d 'Print version'
-complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -l key -d 'The Consul KV key to inspect' -r
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -l key -d 'The Consul KV key to inspect, or the prefix of a semaphore (`run --limit N`, `consul lock -n N`): then its limit, holders and free slots' -r
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -l http-addr -d 'Consul agent address: host:port, http://host:port, https://host:port or unix:///path [env: CONSUL_HTTP_ADDR] [default: 127.0.0.1:8500]' -r
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -l token -d 'ACL token (prefer --token-file: a token on the command line is visible in ps). Precedence, as in Consul\'s CLI: --token-file, --token, CONSUL_HTTP_TOKEN_FILE, CONSUL_HTTP_TOKEN' -r
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -l token-file -d 'File holding the ACL token [env: CONSUL_HTTP_TOKEN_FILE]' -r -F

@@ -26,6 +26,7 @@ use crate::consul::Client;
 use crate::election::{self, Fence, PreviousTerm};
 use crate::exit;
 use crate::lock::consul::ConsulMutex;
+use crate::lock::semaphore::ConsulSemaphore;
 use crate::lock::{AbortOnDrop, ContendEnd, Protocol, Renewal, SessionEnd, Term, Verdict, Won};
 use crate::notify;
 use crate::supervisor::{self, ChildExit, ChildSpec, Supervisor};
@@ -209,13 +210,26 @@ async fn run(cfg: RunConfig) -> Outcome {
             return Outcome::Code(exit::INTERNAL);
         }
     };
-    let mut leader = Leader {
-        lock: ConsulMutex::new(client, cfg.clone()),
-        cfg,
-        signals,
-        supervisor,
-    };
-    leader.run().await
+    // `--limit 1` is the mutex on the key; more is a semaphore under it as a prefix.
+    if cfg.limit > 1 {
+        Leader {
+            lock: ConsulSemaphore::new(client, cfg.clone()),
+            cfg,
+            signals,
+            supervisor,
+        }
+        .run()
+        .await
+    } else {
+        Leader {
+            lock: ConsulMutex::new(client, cfg.clone()),
+            cfg,
+            signals,
+            supervisor,
+        }
+        .run()
+        .await
+    }
 }
 
 impl<P: Protocol> Leader<P> {

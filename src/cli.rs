@@ -140,6 +140,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "KEY")]
     pub key: String,
 
+    /// Let at most N holders run at once (a semaphore, the layout of `consul lock -n N`): KEY is
+    /// then a prefix, holding KEY/.lock and one key per contender. 1 is the lock on KEY itself.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub limit: u32,
+
     /// Session TTL: how long Consul keeps the session without a renew (it really waits 2x).
     #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = parse_duration, allow_hyphen_values = true)]
     pub ttl: Duration,
@@ -266,7 +271,8 @@ pub struct RunArgs {
 #[derive(Debug, Args)]
 #[command(after_help = crate::docs::after_help(&crate::docs::STATUS))]
 pub struct StatusArgs {
-    /// The Consul KV key to inspect.
+    /// The Consul KV key to inspect, or the prefix of a semaphore (`run --limit N`,
+    /// `consul lock -n N`): then its limit, holders and free slots.
     #[arg(long, value_name = "KEY")]
     pub key: String,
 

@@ -355,6 +355,8 @@ fn describe_address(addr: &str, base_url: &str) -> String {
 #[derive(Debug, Clone)]
 pub struct RunConfig {
     pub key: String,
+    /// 1: the mutex on `key`; more: a semaphore under the prefix `key` (`lock::semaphore`).
+    pub limit: u32,
     pub ttl: Duration,
     pub lock_delay: Duration,
     pub silence: Duration,
@@ -475,6 +477,7 @@ impl RunConfig {
 
     pub fn from_args(args: &RunArgs) -> Result<Self, ConfigError> {
         let key = validate_key(&args.key)?;
+        let limit = validate_limit(args.limit)?;
         let consul = ConsulConfig::from_args(&args.consul)?;
         let stop_signal = parse_signal(&args.stop_signal)?;
         check_ttl(args.ttl)?;
@@ -569,6 +572,7 @@ impl RunConfig {
             .unwrap_or_else(|| format!("consul-leader {key} on {host} pid {}", std::process::id()));
         Ok(Self {
             key,
+            limit,
             ttl: args.ttl,
             lock_delay: args.lock_delay,
             silence: args.silence,
@@ -634,6 +638,24 @@ pub fn validate_key(key: &str) -> Result<String, ConfigError> {
         )));
     }
     Ok(key.to_string())
+}
+
+/// `--limit`: 1 for the lock on the key itself, up to `semaphore::MAX_LIMIT` holders for a
+/// semaphore.
+pub fn validate_limit(limit: u32) -> Result<u32, ConfigError> {
+    use crate::lock::semaphore::MAX_LIMIT;
+    if limit == 0 {
+        return Err(bad(
+            "--limit 0 would let no holder run; use 1 (a lock) or more (a semaphore)",
+        ));
+    }
+    if limit > MAX_LIMIT {
+        return Err(bad(format!(
+            "--limit {limit} is above {MAX_LIMIT}: the semaphore's coordination key carries a \
+             record of each holder, and Consul refuses values above 512 KiB"
+        )));
+    }
+    Ok(limit)
 }
 
 /// An `--id`: printable, short, so that it reads well in the key's value and in `status`.
@@ -839,6 +861,19 @@ mod tests {
         assert!(run_args(&["--wait", "0"]).is_ok());
         assert!(run_args(&["--wait", "30days"]).is_ok());
         assert!(run_args(&["--wait", "31days"]).is_err());
+    }
+
+    #[test]
+    fn limit_is_one_for_the_lock_and_bounded_for_a_semaphore() {
+        assert_eq!(run_args(&[]).unwrap().limit, 1);
+        assert_eq!(run_args(&["--limit", "3"]).unwrap().limit, 3);
+        assert!(
+            run_args(&["--limit", "0"])
+                .unwrap_err()
+                .0
+                .contains("--limit 0")
+        );
+        assert!(run_args(&["--limit", "513"]).unwrap_err().0.contains("512"));
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! A small client for the Consul HTTP API subset that leader election needs: sessions, KV reads
-//! (plain and blocking), acquire and release.
+//! (plain, recursive and blocking), acquire and release, check-and-set and delete.
 //!
 //! Each call has a timeout that fits its purpose (a blocking read waits longer than its `wait` plus
 //! Consul's jitter; a renew is short), so a hung connection can never hold up the leader's own
@@ -388,6 +388,22 @@ impl Client {
         }
     }
 
+    /// The `X-Consul-Index` of a read's answer.
+    fn index_of(
+        op: &'static str,
+        headers: &reqwest::header::HeaderMap,
+    ) -> Result<ConsulIndex, ConsulError> {
+        headers
+            .get("X-Consul-Index")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(ConsulIndex)
+            .ok_or_else(|| ConsulError::Decode {
+                op,
+                detail: "no X-Consul-Index header in the answer; is this a Consul agent?".into(),
+            })
+    }
+
     pub async fn session_create(&self, req: &SessionRequest) -> Result<SessionId, ConsulError> {
         const OP: &str = "session create";
         let (status, _, body) = self
@@ -504,15 +520,7 @@ impl Client {
         if status != StatusCode::OK && status != StatusCode::NOT_FOUND {
             return Err(Self::unexpected(OP, status, &body));
         }
-        let index = headers
-            .get("X-Consul-Index")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok())
-            .map(ConsulIndex)
-            .ok_or_else(|| ConsulError::Decode {
-                op: OP,
-                detail: "no X-Consul-Index header in the answer; is this a Consul agent?".into(),
-            })?;
+        let index = Self::index_of(OP, &headers)?;
         if status == StatusCode::NOT_FOUND {
             return Ok((None, index));
         }
@@ -569,6 +577,87 @@ impl Client {
     ) -> Result<bool, ConsulError> {
         self.kv_lock_op("lock release", "release", key, session, flags, value)
             .await
+    }
+
+    /// Reads every key under `prefix` (`?recurse`, a plain string prefix). Returns the entries in
+    /// key order (none when the prefix is empty: Consul answers 404) and the index to block on.
+    pub async fn kv_list(
+        &self,
+        prefix: &str,
+        opts: ReadOpts,
+    ) -> Result<(Vec<KvEntry>, ConsulIndex), ConsulError> {
+        const OP: &str = "KV list";
+        let mut query = vec![("recurse", String::new())];
+        if opts.consistent {
+            query.push(("consistent", String::new()));
+        }
+        let mut timeout = SHORT_TIMEOUT;
+        if opts.index.0 > 0 {
+            query.push(("index", opts.index.0.to_string()));
+            let wait = opts.wait.unwrap_or(Duration::from_secs(300));
+            query.push(("wait", format!("{}ms", wait.as_millis().max(1))));
+            timeout = wait + wait / 16 + SHORT_TIMEOUT;
+        }
+        let (status, headers, body) = self
+            .send(
+                OP,
+                || format!("key:read on {prefix}"),
+                self.http.get(self.url(&Self::kv_path(prefix), &query)),
+                timeout,
+            )
+            .await?;
+        if status != StatusCode::OK && status != StatusCode::NOT_FOUND {
+            return Err(Self::unexpected(OP, status, &body));
+        }
+        let index = Self::index_of(OP, &headers)?;
+        if status == StatusCode::NOT_FOUND {
+            return Ok((Vec::new(), index));
+        }
+        Ok((decode(OP, &body)?, index))
+    }
+
+    /// `PUT ?cas=<index>`: writes `value` (with `flags`) only if the key's ModifyIndex is still
+    /// `index` (0: only if the key does not exist). True when written.
+    pub async fn kv_cas(
+        &self,
+        key: &str,
+        index: u64,
+        flags: u64,
+        value: Vec<u8>,
+    ) -> Result<bool, ConsulError> {
+        const OP: &str = "KV check-and-set";
+        let query = [("cas", index.to_string()), ("flags", flags.to_string())];
+        let (status, _, body) = self
+            .send(
+                OP,
+                || format!("key:write on {key}"),
+                self.http
+                    .put(self.url(&Self::kv_path(key), &query))
+                    .body(value),
+                SHORT_TIMEOUT,
+            )
+            .await?;
+        if status != StatusCode::OK {
+            return Err(Self::unexpected(OP, status, &body));
+        }
+        Ok(String::from_utf8_lossy(&body).contains("true"))
+    }
+
+    /// `DELETE` of one key (a missing key is not an error).
+    pub async fn kv_delete(&self, key: &str) -> Result<(), ConsulError> {
+        const OP: &str = "KV delete";
+        let (status, _, body) = self
+            .send(
+                OP,
+                || format!("key:write on {key}"),
+                self.http.delete(self.url(&Self::kv_path(key), &[])),
+                SHORT_TIMEOUT,
+            )
+            .await?;
+        if status != StatusCode::OK {
+            return Err(Self::unexpected(OP, status, &body));
+        }
+        Ok(())
     }
 }
 

@@ -162,11 +162,18 @@ const RUN_EXIT: &[(&str, &str)] = &[
 ];
 
 const STATUS_EXIT: &[(&str, &str)] = &[
-    ("0", "The key is held."),
-    ("1", "The key is free, or does not exist."),
+    (
+        "0",
+        "The key is held (for a semaphore's prefix: at least one slot is).",
+    ),
+    (
+        "1",
+        "The key is free, or does not exist (for a semaphore's prefix: no slot is held).",
+    ),
     (
         "3",
-        "The key is not a lock: a consul lock -n semaphore, or plain data.",
+        "The key is not a lock: a semaphore's own key (PREFIX/.lock, PREFIX/<session>), or \
+         plain data.",
     ),
     (
         "125",
@@ -231,6 +238,10 @@ pub const RUN: Page = Page {
          release the lock, and then the wrapper exits by that signal; a second TERM or INT skips \
          the grace period. USR1, USR2 and WINCH are forwarded to the command's process group. If \
          the wrapper itself is killed, its command dies with it.",
+        "With --limit N (2 or more) KEY is a prefix and up to N holders run at once, each its \
+         own command, on the keys of consul lock -n N and Go's api.Semaphore (KEY/.lock and one \
+         KEY/<session> per contender); every guarantee above holds per slot. A contender that \
+         finds another limit on the prefix refuses with exit 125.",
         "Durations are written like 500ms, 15s or 2m. Combinations that cannot be safe are \
          refused with a usage error that says why.",
     ],
@@ -247,6 +258,10 @@ pub const RUN: Page = Page {
         (
             "A service that stays in the race after losing leadership:",
             "consul-leader run --key svc/worker --on-lost recontend -- worker",
+        ),
+        (
+            "At most two backups at once across every host (a semaphore, as consul lock -n 2):",
+            "consul-leader run --key jobs/backup --limit 2 -- backup.sh",
         ),
         (
             "A shell pipeline, as one string:",
@@ -270,6 +285,9 @@ pub const STATUS: Page = Page {
          last holder released cleanly. Keys held by consul lock or Go's api.Lock are understood \
          too (their values say less). A consul lock -n semaphore or a plain data key is named \
          for what it is.",
+        "For the prefix of a semaphore (run --limit N, consul lock -n N: the key itself does not \
+         exist, KEY/.lock does), it prints the limit, each holder (holder and pid, session, since \
+         when, fencing token, node, whether its session still lives) and the free slots.",
     ],
     exit_codes: STATUS_EXIT,
     examples: &[

@@ -7,10 +7,14 @@
 //! success as a [`Renewal`], from which `election::Fence` derives the leader's deadlines.
 //!
 //! [`Protocol`] is the seam: `app` is generic over it, and each protocol lives in its own module
-//! with its pure rules in `election` (or beside it), unit-tested. Today there is one protocol,
-//! Consul's mutex in the layout of Go's `api.Lock` ([`consul`]).
+//! with its pure rules in `election` (or beside it), unit-tested. Two protocols run on Consul:
+//! the mutex in the layout of Go's `api.Lock` ([`consul`], `--limit 1`) and the semaphore in the
+//! layout of `api.Semaphore` ([`semaphore`], `--limit N`); both live in sessions opened, renewed
+//! and destroyed by [`session`].
 
 pub mod consul;
+pub mod semaphore;
+pub mod session;
 
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;

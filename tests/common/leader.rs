@@ -234,6 +234,25 @@ pub fn overlaps(lives: &[(u32, u64, Option<u64>)]) -> Vec<String> {
     found
 }
 
+/// The most lifetimes that overlap at one moment, and the pids alive then (a semaphore of limit N
+/// must never show more than N).
+pub fn most_at_once(lives: &[(u32, u64, Option<u64>)]) -> (usize, Vec<u32>) {
+    let mut best = (0, Vec::new());
+    for a in lives {
+        // Every overlap contains the start of one of its lifetimes.
+        let at = a.1;
+        let alive: Vec<u32> = lives
+            .iter()
+            .filter(|b| b.1 <= at && at < b.2.unwrap_or(u64::MAX))
+            .map(|b| b.0)
+            .collect();
+        if alive.len() > best.0 {
+            best = (alive.len(), alive);
+        }
+    }
+    best
+}
+
 /// Pids of live (not zombie) processes whose environment holds `MARKER_ENV=marker`, except the
 /// wrappers this test process started itself (their `Proc` owns and reaps them): what is left is
 /// what the wrappers started, which no wrapper may leave behind.

@@ -32,6 +32,7 @@ use serde_json::{Value, json};
 
 pub mod leader;
 pub mod proxy;
+pub mod semaphore;
 
 /// The environment variable that points the suite at a real Consul agent (`host:port` or
 /// `http://host:port`) instead of a dev agent of our own.
