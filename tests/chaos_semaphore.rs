@@ -50,7 +50,7 @@ use std::time::{Duration, Instant};
 
 use common::leader::{
     DEADLINE, DeathWatch, Fixture, Timing, WrapperBuilder, lifetimes, most_at_once, parent,
-    pid_alive, sessions_for,
+    pid_alive, sessions_for, wrapper_of,
 };
 use common::proxy::{FaultProxy, Mode};
 use common::semaphore::{clean_semaphore, live_contenders, lock_key};
@@ -308,7 +308,7 @@ impl Chaos {
                 pid_alive(e.pid) && !events.iter().any(|s| s.pid == e.pid && s.kind == "stop")
             })
             .filter_map(|e| {
-                let p = parent(e.pid)?;
+                let p = wrapper_of(e.pid)?;
                 let i = self.contenders.iter().position(|c| c.proc.pid() == p)?;
                 Some((e.pid, i))
             })

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::leader::{
     DEADLINE, DeathWatch, Event, Fixture, Timing, WrapperBuilder, agent, exit_of, lifetimes,
-    local_agent, most_at_once, now_us, parent, pid_alive, read_env_file, sessions_for,
+    local_agent, most_at_once, now_us, pid_alive, read_env_file, sessions_for, wrapper_of,
 };
 use common::proxy::{FaultProxy, Mode};
 use common::semaphore::{
@@ -275,7 +275,7 @@ async fn mismatched_limit_is_refused() {
     assert!(
         starts(&fx.events())
             .iter()
-            .all(|e| parent(e.pid) != Some(d.pid())),
+            .all(|e| wrapper_of(e.pid) != Some(d.pid())),
         "D started nothing"
     );
     fx.wait_none_left(DEADLINE);
@@ -341,7 +341,7 @@ async fn clean_release_hands_the_slot_over_at_once() {
     });
     // Stop whichever wrapper runs the first child.
     let first = starts(&events)[0].pid;
-    let (holder, other) = if parent(first) == Some(a.pid()) {
+    let (holder, other) = if wrapper_of(first) == Some(a.pid()) {
         (&mut a, &mut b)
     } else {
         (&mut b, &mut a)
@@ -490,11 +490,11 @@ async fn a_holder_stopped_during_its_wait_passes_its_debt_on() {
     let events = fx.wait_journal("C's child started", |ev| {
         ev.iter()
             .filter(|e| e.is_main_start())
-            .any(|e| parent(e.pid) == Some(c.pid()))
+            .any(|e| wrapper_of(e.pid) == Some(c.pid()))
     });
     let c_start = starts(&events)
         .iter()
-        .find(|e| parent(e.pid) == Some(c.pid()))
+        .find(|e| wrapper_of(e.pid) == Some(c.pid()))
         .unwrap()
         .time_us;
     assert!(
@@ -505,7 +505,7 @@ async fn a_holder_stopped_during_its_wait_passes_its_debt_on() {
     assert!(
         starts(&events)
             .iter()
-            .all(|e| parent(e.pid) != Some(a.pid())),
+            .all(|e| wrapper_of(e.pid) != Some(a.pid())),
         "A started no child"
     );
     for w in [&mut b, &mut c] {
@@ -629,7 +629,9 @@ async fn n2_four_contenders_never_run_three_children_through_faults() {
             found = running(&fx)
                 .into_iter()
                 .filter_map(|c| {
-                    let w = all.iter().position(|w| parent(c) == Some(w.proc.pid()))?;
+                    let w = all
+                        .iter()
+                        .position(|w| wrapper_of(c) == Some(w.proc.pid()))?;
                     Some((c, w))
                 })
                 .collect();

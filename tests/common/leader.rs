@@ -285,6 +285,12 @@ pub fn marked_processes(marker: &str) -> Vec<u32> {
     pids
 }
 
+/// The wrapper that started `child`: the parent of the child's keeper (`supervisor`'s module
+/// docs: wrapper -> keeper -> command).
+pub fn wrapper_of(child: u32) -> Option<u32> {
+    parent(parent(child)?)
+}
+
 /// The parent of `pid`, from `/proc/<pid>/stat`.
 pub fn parent(pid: u32) -> Option<u32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
