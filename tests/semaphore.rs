@@ -268,15 +268,25 @@ async fn mismatched_limit_is_refused() {
         d.stderr_text()
     );
 
+    // And the other way round: `--limit 1 --key K` while `K/.lock` is A's semaphore.
+    let mut e = WrapperBuilder::new(&agent, &fx, &key, &timing).spawn();
+    let st = exit_of(&mut e);
+    assert_eq!(st.code(), Some(125), "{}", e.output_report());
+    assert!(
+        e.stderr_text().contains("holds a semaphore"),
+        "{}",
+        e.stderr_text()
+    );
+
     for w in [&mut a, &mut m] {
         w.signal(Signal::SIGTERM);
         let _ = exit_of(w);
     }
     assert!(
-        starts(&fx.events())
+        starts(&fx.events()).iter().all(|ev| [d.pid(), e.pid()]
             .iter()
-            .all(|e| wrapper_of(e.pid) != Some(d.pid())),
-        "D started nothing"
+            .all(|p| wrapper_of(ev.pid) != Some(*p))),
+        "D and E started nothing"
     );
     fx.wait_none_left(DEADLINE);
 }

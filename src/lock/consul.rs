@@ -21,7 +21,7 @@ use crate::config::RunConfig;
 use crate::consul::{Client, ConsulError, ConsulIndex, ReadOpts, SessionId};
 use crate::election::{self, FreeWatch, HolderValue, KeyView, PreviousTerm};
 use crate::notify;
-use crate::wire::LOCK_FLAG_VALUE;
+use crate::wire::{LOCK_FLAG_VALUE, SEMAPHORE_FLAG_VALUE};
 
 /// One session's life.
 pub struct Term {
@@ -74,6 +74,8 @@ pub struct ConsulMutex {
     cfg: RunConfig,
     /// This process's previous term, once one ended (election's module docs, 7).
     previous: Option<PreviousTerm>,
+    /// Whether the first contention checked that no semaphore runs under the key.
+    prefix_checked: std::cell::Cell<bool>,
 }
 
 impl ConsulMutex {
@@ -82,6 +84,28 @@ impl ConsulMutex {
             client,
             cfg,
             previous: None,
+            prefix_checked: std::cell::Cell::new(false),
+        }
+    }
+
+    /// `--limit 1 --key K` locks K itself, while `--limit N --key K` (and `consul lock -n`) keep
+    /// their semaphore in `K/.lock`: the two would not exclude each other, and a fleet half-way
+    /// through a change of `--limit` could run N + 1 commands. Refuse when `K/.lock` holds a
+    /// semaphore. Checked once, at the first contention: it costs a read.
+    async fn refuse_a_semaphore_under_the_key(&self) -> Result<(), ContendEnd> {
+        if self.prefix_checked.replace(true) {
+            return Ok(());
+        }
+        let lock = format!("{}/.lock", self.cfg.key);
+        match self.client.kv_get(&lock, ReadOpts::default()).await {
+            Ok((Some(e), _)) if e.flags == SEMAPHORE_FLAG_VALUE => Err(ContendEnd::Fatal(format!(
+                "{lock} holds a semaphore (run --limit N, or consul lock -n), which a lock on {} \
+                 would not exclude; use the same --limit on every host of this key",
+                self.cfg.key
+            ))),
+            // Anything else, errors included: the contention that follows reads the key itself
+            // and handles its errors.
+            _ => Ok(()),
         }
     }
 
@@ -197,6 +221,7 @@ impl Protocol for ConsulMutex {
         let expired = |d: Option<Instant>| d.is_some_and(|d| Instant::now() >= d);
         // While a previous holder has priority: read no longer than until it ends.
         let mut priority_ends: Option<Instant> = None;
+        self.refuse_a_semaphore_under_the_key().await?;
         loop {
             if term.renewals.borrow().end.is_some() {
                 return Err(ContendEnd::SessionGone);
