@@ -352,6 +352,8 @@ impl<P: Protocol> Leader<P> {
 
     /// One term with a live session: contend, then lead.
     async fn term(&mut self, term: &mut P::Term, deadline: Option<Instant>) -> TermEnd {
+        // The keeper's exec is paid while contending, not between the win and the command.
+        self.supervisor.prepare(&env_remove());
         let mut renewals = term.renewals();
         let contended = tokio::select! {
             r = self.lock.contend(term, deadline) => r,
@@ -687,19 +689,25 @@ impl<P: Protocol> Leader<P> {
                 ),
                 ("CONSUL_LOCK_HELD".into(), "true".into()),
             ],
-            env_remove: [
-                "CONSUL_HTTP_TOKEN",
-                "CONSUL_HTTP_TOKEN_FILE",
-                "NOTIFY_SOCKET",
-                "WATCHDOG_USEC",
-                "WATCHDOG_PID",
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
+            env_remove: env_remove(),
             stop_signal: self.cfg.stop_signal,
         }
     }
+}
+
+/// Variables the command (and its keeper) must not inherit: the token, and systemd's notification
+/// settings, which are the wrapper's.
+fn env_remove() -> Vec<String> {
+    [
+        "CONSUL_HTTP_TOKEN",
+        "CONSUL_HTTP_TOKEN_FILE",
+        "NOTIFY_SOCKET",
+        "WATCHDOG_USEC",
+        "WATCHDOG_PID",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
 }
 
 fn round_ms(d: Duration) -> Duration {

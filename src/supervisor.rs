@@ -280,6 +280,9 @@ pub struct Supervisor {
     /// The outcome of the last stop, returned again by a repeated stop.
     last: Option<StopOutcome>,
     warned_stop_signal: bool,
+    /// A keeper started ahead of time ([`Supervisor::prepare`]), waiting for what to run: the
+    /// exec of the keeper stays off the path from winning the lock to the command's start.
+    spare: Option<KeeperLink>,
 }
 
 /// The command between spawn and the end of its stop.
@@ -344,7 +347,23 @@ impl Supervisor {
             child: None,
             last: None,
             warned_stop_signal: false,
+            spare: None,
         })
+    }
+
+    /// Starts a keeper ahead of time, while the wrapper waits for the lock, so that
+    /// [`Supervisor::spawn`] only has to hand it the command: the exec of a fresh copy of the
+    /// binary (a few milliseconds) is then paid while standing by, not during a handover. It
+    /// waits on its pipe and exits when the pipe closes. Does nothing when one is ready or a
+    /// command runs; a failure here is only logged (spawn starts a keeper itself).
+    pub fn prepare(&mut self, env_remove: &[String]) {
+        if self.child.is_some() || self.spare.is_some() {
+            return;
+        }
+        match self.start_keeper(env_remove) {
+            Ok(link) => self.spare = Some(link),
+            Err(err) => tracing::debug!(%err, "cannot start a keeper ahead of time"),
+        }
     }
 
     /// Starts the keeper and, through it, the command under `fence`; returns the command's pid.
@@ -403,17 +422,42 @@ impl Supervisor {
             program: program.clone(),
             source,
         };
-        let mut link = self.start_keeper(&spec.env_remove).map_err(|err| {
-            other(io::Error::other(format!(
-                "cannot start the keeper process: {err}"
-            )))
-        })?;
-        let first = link
-            .to
-            .as_ref()
-            .ok_or_else(|| io::Error::other("no pipe"))
-            .and_then(|to| keeper::write_config(to, &config))
-            .and_then(|()| link.first_reply());
+        // The keeper started ahead of time, if it is still there to take the config.
+        let spare = self.spare.take().and_then(|mut link| {
+            let sent = link
+                .to
+                .as_ref()
+                .ok_or_else(|| io::Error::other("no pipe"))
+                .and_then(|to| keeper::write_config(to, &config));
+            match sent {
+                Ok(()) => Some(link),
+                Err(err) => {
+                    tracing::debug!(%err, "the keeper started ahead of time is gone; starting another");
+                    self.bury(&mut link);
+                    None
+                }
+            }
+        });
+        let (mut link, first) = match spare {
+            Some(mut link) => {
+                let first = link.first_reply();
+                (link, first)
+            }
+            None => {
+                let mut link = self.start_keeper(&spec.env_remove).map_err(|err| {
+                    other(io::Error::other(format!(
+                        "cannot start the keeper process: {err}"
+                    )))
+                })?;
+                let first = link
+                    .to
+                    .as_ref()
+                    .ok_or_else(|| io::Error::other("no pipe"))
+                    .and_then(|to| keeper::write_config(to, &config))
+                    .and_then(|()| link.first_reply());
+                (link, first)
+            }
+        };
         let (pid, in_cgroup) = match first {
             Ok(FromKeeper::Spawned { pid, cgroup }) => (Pid::from_raw(pid), cgroup),
             Ok(FromKeeper::SpawnFailed { errno }) => {
