@@ -222,6 +222,11 @@ impl ChildExit {
     }
 }
 
+/// How a command ended, for log lines: "exited with code 0", or "still running".
+fn describe(status: Option<ChildExit>) -> String {
+    status.map_or_else(|| "still running".to_string(), |s| s.to_string())
+}
+
 impl fmt::Display for ChildExit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
@@ -643,7 +648,8 @@ impl Supervisor {
         }
         tracing::debug!(
             pid = run.pid.as_raw(),
-            ?outcome,
+            status = %outcome.status.map_or("not started".to_string(), |s| s.to_string()),
+            killed = outcome.killed,
             "command stopped; nothing left"
         );
         self.last = Some(outcome);
@@ -759,7 +765,11 @@ impl Supervisor {
                 let _ = signal::kill(*pid, Signal::SIGKILL);
             }
             if Instant::now() >= warn_at {
-                tracing::warn!(pids = ?left, "processes survive SIGKILL; still waiting for them");
+                let pids: Vec<String> = left.iter().map(|p| p.to_string()).collect();
+                tracing::warn!(
+                    pids = %pids.join(" "),
+                    "processes survive SIGKILL (a hung filesystem?); still waiting for them"
+                );
                 warn_at = Instant::now() + STUCK_WARNING_EVERY;
             }
             self.next_sigchld(POLL).await;
@@ -811,7 +821,7 @@ impl Supervisor {
             match FromKeeper::decode(&frame) {
                 Some(FromKeeper::Exited { raw }) => {
                     run.status = run.status.or(ChildExit::from_wait_status(raw));
-                    tracing::debug!(pid = run.pid.as_raw(), status = ?run.status, "command exited");
+                    tracing::debug!(pid = run.pid.as_raw(), status = %describe(run.status), "command exited");
                 }
                 Some(FromKeeper::Fenced) => {
                     run.fenced = true;
@@ -822,7 +832,7 @@ impl Supervisor {
                 }
                 Some(FromKeeper::Suspended { sig }) => run.suspended = Some(sig),
                 Some(FromKeeper::Done { killed }) => run.done = Some(killed),
-                Some(other) => tracing::debug!(?other, "unexpected report from the keeper"),
+                Some(_) => tracing::debug!("unexpected report from the keeper"),
                 None => tracing::debug!("unreadable report from the keeper"),
             }
         }
@@ -898,7 +908,7 @@ impl Supervisor {
             }
             if pid == run.pid {
                 run.status = run.status.or(ChildExit::from_wait_status(raw));
-                tracing::debug!(pid = pid.as_raw(), status = ?run.status, "command reaped here");
+                tracing::debug!(pid = pid.as_raw(), status = %describe(run.status), "command reaped here");
                 return;
             }
         }
@@ -958,7 +968,7 @@ impl KeeperLink {
     fn send(&self, msg: ToKeeper) {
         let Some(to) = &self.to else { return };
         if let Err(err) = nix::unistd::write(to, &msg.encode()) {
-            tracing::debug!(%err, ?msg, "cannot write to the keeper");
+            tracing::debug!(%err, "cannot write to the keeper");
         }
     }
 
