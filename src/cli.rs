@@ -7,7 +7,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 /// Run a command only while this host holds leadership through a Consul session lock.
 #[derive(Debug, Parser)]
@@ -23,12 +24,43 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// Parses the command line like `Cli::parse`, and also notes which options of `run` and `status`
+/// were given on the command line itself (not taken from a variable or a default): the rule that
+/// picks the engine (`config::Engine`) lets an explicit flag win over the environment.
+pub fn parse() -> Cli {
+    try_parse_from(std::env::args_os()).unwrap_or_else(|e| e.exit())
+}
+
+/// [`parse`] from the given arguments.
+pub fn try_parse_from<I, T>(args: I) -> Result<Cli, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let matches = Cli::command().try_get_matches_from(args)?;
+    let mut cli = Cli::from_arg_matches(&matches)?;
+    match (&mut cli.command, matches.subcommand()) {
+        (Command::Run(args), Some((_, m))) => args.given = given(m),
+        (Command::Status(args), Some((_, m))) => args.given = given(m),
+        _ => {}
+    }
+    Ok(cli)
+}
+
+/// The ids of the options given on the command line.
+fn given(m: &ArgMatches) -> Vec<String> {
+    m.ids()
+        .filter(|id| m.value_source(id.as_str()) == Some(ValueSource::CommandLine))
+        .map(|id| id.as_str().to_string())
+        .collect()
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Win the lock on a key, run a command while it is held, stop it when leadership ends.
     Run(Box<RunArgs>),
     /// Show who holds a key, since when, and its fencing token.
-    Status(StatusArgs),
+    Status(Box<StatusArgs>),
     /// Start a single-node, in-memory Consul-compatible server for trying the tool and for tests.
     DevAgent(DevAgentArgs),
     /// Write the man pages and shell completions (for packagers and for this repository).
@@ -159,6 +191,38 @@ pub struct ConsulArgs {
     pub partition: Option<String>,
 }
 
+/// How to reach etcd instead of Consul. Flags win over the variables `etcdctl` reads; an empty
+/// variable counts as unset. `--etcd-endpoints` (or `ETCDCTL_ENDPOINTS`) selects etcd: see the
+/// README's "etcd" section for the rule that picks the engine.
+#[derive(Debug, Clone, Default, Args)]
+pub struct EtcdArgs {
+    /// Use etcd at these endpoints instead of Consul: comma-separated URLs (http://host:2379,
+    /// https://..., or host:port) [env: ETCDCTL_ENDPOINTS]
+    #[arg(long, value_name = "URL[,URL...]")]
+    pub etcd_endpoints: Option<String>,
+
+    /// CA certificate (PEM) to verify etcd's TLS certificates with [env: ETCDCTL_CACERT]
+    #[arg(long, value_name = "PATH")]
+    pub etcd_cacert: Option<PathBuf>,
+
+    /// Client certificate (PEM) for etcd's TLS client authentication [env: ETCDCTL_CERT]
+    #[arg(long, value_name = "PATH")]
+    pub etcd_cert: Option<PathBuf>,
+
+    /// Private key (PEM) of --etcd-cert [env: ETCDCTL_KEY]
+    #[arg(long, value_name = "PATH")]
+    pub etcd_key: Option<PathBuf>,
+
+    /// etcd user, NAME or NAME:PASSWORD [env: ETCDCTL_USER]
+    #[arg(long, value_name = "NAME[:PASSWORD]")]
+    pub etcd_user: Option<String>,
+
+    /// Password of --etcd-user (prefer ETCDCTL_PASSWORD: a password on the command line is
+    /// visible in ps) [env: ETCDCTL_PASSWORD]
+    #[arg(long, value_name = "PASSWORD")]
+    pub etcd_password: Option<String>,
+}
+
 /// Options of `consul-leader run`.
 #[derive(Debug, Args)]
 #[command(after_help = "\
@@ -167,16 +231,18 @@ Exit codes:
   128+N                      the command was killed by signal N
   75                         not leader within --wait (see --busy-exit-code)
   76                         leadership lost while the command ran (see --lost-exit-code)
-  125                        Consul unreachable, ACL denied, bad response, internal error
+  125                        Consul or etcd unreachable, access denied, bad response, internal error
   126 / 127                  the command cannot be executed / was not found
   2                          usage error
 
 Examples:
   consul-leader run --key jobs/report -- /usr/local/bin/report --daily
   consul-leader run --key jobs/report --wait 0 -- report     # cron: exit 75 at once when busy
-  consul-leader run --key svc/worker --on-lost recontend --shell -- 'exec worker >>/var/log/w.log'")]
+  consul-leader run --key svc/worker --on-lost recontend --shell -- 'exec worker >>/var/log/w.log'
+  consul-leader run --etcd-endpoints http://10.0.0.1:2379 --key jobs/report -- report   # on etcd")]
 pub struct RunArgs {
-    /// The Consul KV key to lock, for example `jobs/report`.
+    /// The Consul KV key to lock, for example `jobs/report`; on etcd, the lock's name, as in
+    /// `etcdctl lock NAME` (its keys are NAME/<lease id>).
     #[arg(long, value_name = "KEY")]
     pub key: String,
 
@@ -282,6 +348,13 @@ pub struct RunArgs {
     #[command(flatten)]
     pub consul: ConsulArgs,
 
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+
+    /// The ids of the options given on the command line (filled in by [`parse`]).
+    #[arg(skip)]
+    pub given: Vec<String>,
+
     /// The command to run, and its arguments (after `--`).
     #[arg(required = true, trailing_var_arg = true, value_name = "COMMAND")]
     pub command: Vec<String>,
@@ -290,14 +363,15 @@ pub struct RunArgs {
 /// Options of `consul-leader status`.
 #[derive(Debug, Args)]
 #[command(after_help = "\
-Exit codes: 0 the key is held, 1 it is free (or not a lock), 125 Consul could not be asked,
-2 usage error.
+Exit codes: 0 the key is held, 1 it is free (or not a lock), 125 Consul (or etcd) could not be
+asked, 2 usage error.
 
 Examples:
   consul-leader status --key jobs/report
-  consul-leader status --key jobs/report --json | jq -r .holder")]
+  consul-leader status --key jobs/report --json | jq -r .holder
+  consul-leader status --etcd-endpoints http://127.0.0.1:2379 --key jobs/report")]
 pub struct StatusArgs {
-    /// The Consul KV key to inspect.
+    /// The Consul KV key to inspect; on etcd, the lock's name (as in `etcdctl lock NAME`).
     #[arg(long, value_name = "KEY")]
     pub key: String,
 
@@ -307,6 +381,13 @@ pub struct StatusArgs {
 
     #[command(flatten)]
     pub consul: ConsulArgs,
+
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+
+    /// The ids of the options given on the command line (filled in by [`parse`]).
+    #[arg(skip)]
+    pub given: Vec<String>,
 }
 
 /// Options of `consul-leader dev-agent`.

@@ -9,6 +9,7 @@ mod consul;
 mod dev_agent;
 mod docs;
 mod election;
+mod etcd;
 mod exit;
 mod lock;
 mod logging;
@@ -19,13 +20,11 @@ mod wire;
 
 use std::process::ExitCode;
 
-use clap::Parser;
-
 fn main() -> ExitCode {
-    let cli = cli::Cli::parse();
+    let cli = cli::parse();
     match cli.command {
         cli::Command::Run(args) => app::main(args),
-        cli::Command::Status(args) => status::main(args),
+        cli::Command::Status(args) => status::main(*args),
         cli::Command::DevAgent(args) => dev_agent::main(args),
         cli::Command::GenerateDocs { out_dir } => match docs::write_all(&out_dir) {
             Ok(()) => ExitCode::SUCCESS,

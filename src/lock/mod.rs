@@ -7,10 +7,12 @@
 //! success as a [`Renewal`], from which `election::Fence` derives the leader's deadlines.
 //!
 //! [`Protocol`] is the seam: `app` is generic over it, and each protocol lives in its own module
-//! with its pure rules in `election` (or beside it), unit-tested. Today there is one protocol,
-//! Consul's mutex in the layout of Go's `api.Lock` ([`consul`]).
+//! with its pure rules in `election` (or beside it), unit-tested. Two protocols: Consul's mutex
+//! in the layout of Go's `api.Lock` ([`consul`]), and etcd's mutex in the layout of etcd's
+//! `concurrency` package and `etcdctl lock` ([`etcd`]), where a term is a lease.
 
 pub mod consul;
+pub mod etcd;
 
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -71,6 +73,12 @@ pub trait Won {
     fn fencing_token(&self) -> u64;
     /// Until when the child must wait for earlier holders (`None`: it may start at once).
     fn owed_until(&self) -> Option<BootTime>;
+    /// Variables this protocol gives the child beside the common ones, so that scripts written
+    /// for the engine's own tool keep working (etcd: `ETCD_LOCK_KEY` and `ETCD_LOCK_REV`, as
+    /// `etcdctl lock` sets them). None by default.
+    fn child_env(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
 }
 
 /// Why a term could not be opened.
