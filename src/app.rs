@@ -781,7 +781,7 @@ async fn ended(
     let fence = Fence::after_renew(r.last_ok_sent, cfg.ttl, cfg.grace);
     let fenced = || {
         Verdict::Lost(format!(
-            "no session renew succeeded for {}; stopping before Consul may expire the session",
+            "no session renew succeeded for {}; stopping before the session may expire",
             humantime::format_duration(round_ms(
                 fence.stop_at.saturating_duration_since(r.last_ok_sent)
             ))
