@@ -40,9 +40,13 @@ const PING_TIMEOUT: Duration = Duration::from_secs(3);
 /// An error from etcd, classified by what a caller should do about it.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum EtcdError {
-    /// Worth retrying: a connection failed, a request timed out, etcd has no leader right now.
+    /// Worth retrying: a request timed out, etcd has no leader right now.
     #[error("{0}")]
     Transient(String),
+    /// Worth retrying, but no endpoint could be connected to at all (refused, unresolvable,
+    /// TLS failed, or no answer): on a first attempt, most likely a wrong address.
+    #[error("{0}")]
+    Unreachable(String),
     /// The lease (or the thing asked about) does not exist any more.
     #[error("{0}")]
     NotFound(String),
@@ -57,7 +61,11 @@ pub enum EtcdError {
 
 impl EtcdError {
     pub fn is_transient(&self) -> bool {
-        matches!(self, EtcdError::Transient(_))
+        matches!(self, EtcdError::Transient(_) | EtcdError::Unreachable(_))
+    }
+
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, EtcdError::Unreachable(_))
     }
 }
 
@@ -77,6 +85,15 @@ impl From<etcd_client::Error> for EtcdError {
                     | Code::FailedPrecondition
                     | Code::Unimplemented
                     | Code::AlreadyExists => EtcdError::Fatal(text),
+                    // tonic reports a failed connection as Unavailable, with the cause in the
+                    // message ("tcp connect error", "dns error", a TLS handshake).
+                    Code::Unavailable
+                        if ["connect", "dns", "tls", "certificate", "handshake"]
+                            .iter()
+                            .any(|w| status.message().to_lowercase().contains(w)) =>
+                    {
+                        EtcdError::Unreachable(format!("cannot connect: {}", status.message()))
+                    }
                     _ => EtcdError::Transient(format!("{text} ({:?})", status.code())),
                 }
             }
@@ -86,6 +103,7 @@ impl From<etcd_client::Error> for EtcdError {
             E::InvalidArgs(_) | E::InvalidUri(_) | E::InvalidMetadataValue(_) => {
                 EtcdError::Fatal(e.to_string())
             }
+            E::TransportError(_) | E::IoError(_) => EtcdError::Unreachable(e.to_string()),
             _ => EtcdError::Transient(e.to_string()),
         }
     }
@@ -98,7 +116,7 @@ pub async fn bounded<T>(
 ) -> Result<T, EtcdError> {
     match tokio::time::timeout(limit, request).await {
         Ok(r) => r.map_err(EtcdError::from),
-        Err(_) => Err(EtcdError::Transient(format!(
+        Err(_) => Err(EtcdError::Unreachable(format!(
             "etcd did not answer within {}",
             humantime::format_duration(limit)
         ))),

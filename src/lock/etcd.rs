@@ -270,7 +270,7 @@ impl EtcdMutex {
             set(&term.mine, Some(mine.clone()));
             debug!("queued as {} (create revision {rev})", mine.key);
             let g = gets(&r);
-            let owner = g.get(g.len() - 2).and_then(|g| g.first());
+            let owner = g.get(g.len().saturating_sub(2)).and_then(|g| g.first());
             if owner.is_some_and(|o| o.create_revision == rev) {
                 let seen = check_marker(name, &marker, g.last())?;
                 return self.claim(term, &mine, seen, BootTime::now()).await;
@@ -335,7 +335,9 @@ impl EtcdMutex {
                 term.announced = Some(who);
             }
         }
-        // Wait for the deletion of the key just ahead, and of nothing else.
+        // Wait for the deletion of the key just ahead, and of nothing else. What we saw go
+        // before this key is not the previous holder any more.
+        term.ahead_gone = None;
         let opts = WatchOptions::new()
             .with_start_revision(at + 1)
             .with_prev_key()
@@ -363,10 +365,17 @@ impl EtcdMutex {
                 }
             }
         };
-        tokio::select! {
+        let r = tokio::select! {
             r = wait => r.map(|()| Step::Again),
             () = until(deadline) => Ok(Step::Busy),
+        };
+        if term.ahead_gone.is_none() {
+            // The watch ended without showing the deletion (an error, a compaction): if the
+            // key is gone now, nothing tells what it held, so count it as a holder without a
+            // record, gone now.
+            term.ahead_gone = Some((None, BootTime::now()));
         }
+        r
     }
 
     /// The value our key and the marker hold while we contend or hold the lock.
@@ -613,7 +622,7 @@ impl Protocol for EtcdMutex {
                     grant_hint(&e)
                 ),
                 transient: e.is_transient(),
-                unreachable: e.is_transient() && e.to_string().contains("did not answer"),
+                unreachable: e.is_unreachable(),
             })?;
         let lease = granted.id();
         // etcd raises a TTL below its minimum (1.5 election timeouts), never lowers one: a
@@ -772,7 +781,7 @@ impl Protocol for EtcdMutex {
 /// What to add to a failed lease grant so that the operator knows what to change.
 fn grant_hint(e: &EtcdError) -> &'static str {
     match e {
-        EtcdError::Transient(m) if m.contains("did not answer") => {
+        EtcdError::Unreachable(_) => {
             "; is --etcd-endpoints (or ETCDCTL_ENDPOINTS) right, and is etcd up?"
         }
         EtcdError::Fatal(m) if m.contains("permission") || m.contains("auth") => {
@@ -968,9 +977,6 @@ async fn watch_own_key(
                         "etcd ended the watch: {}",
                         resp.cancel_reason()
                     )));
-                }
-                if let Some(h) = resp.header() {
-                    seen = seen.max(h.revision());
                 }
                 for ev in resp.events() {
                     let Some(kv) = ev.kv() else { continue };
