@@ -724,3 +724,126 @@ fn etcd_flags_and_variables_pick_the_engine_and_ambiguity_is_refused() {
     );
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, as PEM files in `dir`.
+fn pki(dir: &std::path::Path) -> common::etcd::TlsFiles {
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose,
+        IsCa, KeyPair, KeyUsagePurpose,
+    };
+    let write = |name: &str, pem: String| {
+        let p = dir.join(name);
+        std::fs::write(&p, pem).unwrap();
+        p.to_string_lossy().into_owned()
+    };
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "consul-leader etcd test CA");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let leaf = |names: &[&str], usages: Vec<ExtendedKeyUsagePurpose>, file: &str| {
+        let mut params =
+            CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        params.distinguished_name.push(DnType::CommonName, names[0]);
+        params.extended_key_usages = usages;
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &ca).unwrap();
+        (
+            write(&format!("{file}.pem"), cert.pem()),
+            write(&format!("{file}-key.pem"), key.serialize_pem()),
+        )
+    };
+    // etcd's own client connections (its gateway) present the server certificate too.
+    let server = leaf(
+        &["127.0.0.1", "localhost"],
+        vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ],
+        "server",
+    );
+    let client = leaf(
+        &["root"],
+        vec![ExtendedKeyUsagePurpose::ClientAuth],
+        "client",
+    );
+    common::etcd::TlsFiles {
+        ca: write("ca.pem", ca.pem()),
+        server_cert: server.0,
+        server_key: server.1,
+        client_cert: client.0,
+        client_key: client.1,
+    }
+}
+
+#[test]
+fn etcd_tls_client_certificates_and_a_user_as_etcdctl_names_them() {
+    if skip_without_etcd("etcd_tls_client_certificates_and_a_user_as_etcdctl_names_them") {
+        return;
+    }
+    let fx = Fixture::new();
+    let files = pki(&fx.dir);
+    let etcd = Cluster::single_secure(&files, "pw-s3cret");
+    let name = lock_name("tls");
+    let env_file = fx.dir.join("env");
+    // Flags for the TLS files, variables for the user, as an etcdctl user would have them.
+    let mut w = EtcdWrapper::new(&fx, &etcd.endpoints(), &name, &QUICK)
+        .flag("--etcd-cacert", &files.ca)
+        .flag("--etcd-cert", &files.client_cert)
+        .flag("--etcd-key", &files.client_key)
+        .env("ETCDCTL_USER", "root")
+        .env("ETCDCTL_PASSWORD", "pw-s3cret")
+        .env("CL_CHILD_EXIT_CODE", "0")
+        .env("CL_CHILD_ENV_FILE", env_file.to_str().unwrap())
+        .spawn();
+    assert_eq!(exit_of(&mut w).code(), Some(0), "{}", w.output_report());
+    let env = read_env_file(&env_file);
+    assert!(!env.contains_key("ETCDCTL_USER") && !env.contains_key("ETCDCTL_PASSWORD"));
+    assert!(!w.stderr_text().contains("s3cret"), "{}", w.stderr_text());
+    let status_with = |envs: &[(&str, &str)], flags: &[&str]| {
+        let mut cmd = std::process::Command::new(common::bin_path());
+        cmd.args([
+            "status",
+            "--etcd-endpoints",
+            &etcd.endpoints(),
+            "--key",
+            &name,
+        ])
+        .args(flags)
+        .env_remove("CONSUL_HTTP_ADDR")
+        .env_remove("ETCDCTL_ENDPOINTS");
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    };
+    let tls_env = [
+        ("ETCDCTL_CACERT", files.ca.as_str()),
+        ("ETCDCTL_CERT", files.client_cert.as_str()),
+        ("ETCDCTL_KEY", files.client_key.as_str()),
+    ];
+    // All from the variables: the lock is free (1), its record clean.
+    let mut good = tls_env.to_vec();
+    good.push(("ETCDCTL_USER", "root:pw-s3cret"));
+    let out = status_with(&good, &[]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("released cleanly"));
+    // A wrong password: etcd's refusal, exit 125, and the password is not printed.
+    let mut bad = tls_env.to_vec();
+    bad.push(("ETCDCTL_USER", "root:wrong-pw"));
+    let out = status_with(&bad, &[]);
+    assert_eq!(out.status.code(), Some(125), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("authentication failed"), "{err}");
+    assert!(!err.contains("wrong-pw"), "{err}");
+    // No CA to verify etcd's certificate with: 125, not a hang.
+    let out = status_with(&[("ETCDCTL_USER", "root:pw-s3cret")], &[]);
+    assert_eq!(out.status.code(), Some(125), "{out:?}");
+    fx.wait_none_left(DEADLINE);
+}

@@ -73,10 +73,24 @@ impl Member {
     }
 }
 
+/// PEM files for a member that serves TLS and asks clients for certificates.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub ca: String,
+    pub server_cert: String,
+    pub server_key: String,
+    pub client_cert: String,
+    pub client_key: String,
+}
+
 /// Running etcd members; see the module docs.
 pub struct Cluster {
     dir: PathBuf,
     pub members: Vec<Member>,
+    /// `https` when the members serve TLS.
+    scheme: &'static str,
+    /// Global flags for every etcdctl call (TLS files, a user).
+    etcdctl_flags: Vec<String>,
 }
 
 impl Cluster {
@@ -95,9 +109,24 @@ impl Cluster {
         Cluster::start(3, true)
     }
 
+    /// One member serving TLS that requires a client certificate, with authentication enabled
+    /// for user `root` and `password`.
+    pub fn single_secure(tls: &TlsFiles, password: &str) -> Cluster {
+        let mut c = Cluster::start_with(1, false, Some(tls));
+        c.etcdctl(&["user", "add", &format!("root:{password}")]);
+        c.etcdctl(&["auth", "enable"]);
+        c.etcdctl_flags
+            .extend(["--user".to_string(), format!("root:{password}")]);
+        c
+    }
+
     fn start(n: usize, proxies: bool) -> Cluster {
+        Cluster::start_with(n, proxies, None)
+    }
+
+    fn start_with(n: usize, proxies: bool, tls: Option<&TlsFiles>) -> Cluster {
         for attempt in 0..3 {
-            match Cluster::try_start(n, proxies) {
+            match Cluster::try_start(n, proxies, tls) {
                 Ok(c) => return c,
                 Err(why) if attempt < 2 => eprintln!("etcd did not start ({why}); trying again"),
                 Err(why) => panic!("etcd did not start: {why}"),
@@ -106,7 +135,8 @@ impl Cluster {
         unreachable!()
     }
 
-    fn try_start(n: usize, proxies: bool) -> Result<Cluster, String> {
+    fn try_start(n: usize, proxies: bool, tls: Option<&TlsFiles>) -> Result<Cluster, String> {
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let dir = std::env::temp_dir().join(format!("cl-etcd-{}", unique(10)));
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
         let mut members: Vec<Member> = (0..n)
@@ -142,9 +172,9 @@ impl Cluster {
                 .arg("--data-dir")
                 .arg(dir.join(&m.name))
                 .arg("--listen-client-urls")
-                .arg(format!("http://{}", m.client))
+                .arg(format!("{scheme}://{}", m.client))
                 .arg("--advertise-client-urls")
-                .arg(format!("http://{}", m.client))
+                .arg(format!("{scheme}://{}", m.client))
                 .arg("--listen-peer-urls")
                 .arg(format!("http://{}", m.peer))
                 .arg("--initial-advertise-peer-urls")
@@ -162,9 +192,26 @@ impl Cluster {
                 // etcd's variables of the machine running the tests must not change the cluster.
                 .env_clear()
                 .env("PATH", std::env::var("PATH").unwrap_or_default());
+            if let Some(t) = tls {
+                cmd.args(["--cert-file", &t.server_cert, "--key-file", &t.server_key])
+                    .args(["--trusted-ca-file", &t.ca, "--client-cert-auth"]);
+            }
             m.proc = Some(Proc::spawn(cmd));
         }
-        let cluster = Cluster { dir, members };
+        let etcdctl_flags = match tls {
+            Some(t) => vec![
+                format!("--cacert={}", t.ca),
+                format!("--cert={}", t.client_cert),
+                format!("--key={}", t.client_key),
+            ],
+            None => Vec::new(),
+        };
+        let cluster = Cluster {
+            dir,
+            members,
+            scheme,
+            etcdctl_flags,
+        };
         // Every member serves (a linearizable read through each answers), or one exited.
         let started = std::time::Instant::now();
         loop {
@@ -205,7 +252,7 @@ impl Cluster {
             .iter()
             .map(|m| {
                 let a = m.client_proxy.as_ref().map_or(m.client, |p| p.addr());
-                format!("http://{a}")
+                format!("{}://{a}", self.scheme)
             })
             .collect::<Vec<_>>()
             .join(",")
@@ -237,6 +284,7 @@ impl Cluster {
             .arg("--endpoints")
             .arg(endpoints)
             .arg("--command-timeout=5s")
+            .args(&self.etcdctl_flags)
             .args(args)
             .output()
             .expect("run etcdctl")
@@ -262,6 +310,7 @@ impl Cluster {
             .env_remove("ETCDCTL_ENDPOINTS")
             .arg("--endpoints")
             .arg(self.direct_endpoints())
+            .args(&self.etcdctl_flags)
             .args(args);
         cmd
     }
