@@ -28,8 +28,9 @@
 //!    (a): (b) is what keeps a renewing holder from false losses, and what protects an
 //!    `etcdctl lock` successor, which waits for nothing but the key's deletion.
 //! 2. **The fence.** With no later renew, the stop sequence starts at `R + T - g - m` and the
-//!    child group is gone by `R + T - m` ([`election::Fence`], enforced by the supervisor's
-//!    keeper too), whether etcd can be reached or not. `config` refuses `g >= T/2`.
+//!    child group is gone by `R + T - m` ([`election::Fence`]; `app` hands every new fence to
+//!    the supervisor), whether etcd can be reached or not: nothing of this protocol is needed
+//!    for it. `config` refuses `g >= T/2`.
 //! 3. **Early frees.** Our key can go at any moment `I > R`: `etcdctl lease revoke`, `etcdctl
 //!    del`, a lease that a stale leader revoked, a cluster restored from a snapshot. A connected
 //!    holder sees it on the watch of its own key within a round trip and stops; a cut-off one
@@ -48,8 +49,11 @@
 //!    checks it still wins (compare-and-swap on the marker's mod revision) and owes
 //!    (`owed_until`): nothing after a clean mark; the holder's debt after a record without it
 //!    (it crashed, was cut off, lost its key: `election::owed_wait`); `max(s, T)` when there is
-//!    no marker at all (a brand-new lock, a deleted marker, a restored cluster: the vanished
-//!    key rule of `election`, 4). A stale holder cannot overwrite a newer record: every write
+//!    no marker at all (a brand-new lock, a deleted marker: the vanished key rule of
+//!    `election`, 4). A cluster restored from a snapshot that still held an older, clean
+//!    record brings that record back; as with a Consul snapshot, nothing outside the cluster
+//!    can tell (restore with the wrappers stopped). A stale holder cannot overwrite a newer
+//!    record: every write
 //!    of the marker is guarded by the writer's own key, which is gone once another holds the
 //!    lock. A holder that leaves no record is not consul-leader (`etcdctl lock` writes empty
 //!    values): when a waiter sees such a key go just ahead of it, it also owes `max(s, T)`.
