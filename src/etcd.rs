@@ -87,10 +87,17 @@ impl From<etcd_client::Error> for EtcdError {
                     | Code::AlreadyExists => EtcdError::Fatal(text),
                     // tonic reports a failed connection as Unavailable, with the cause in the
                     // message ("tcp connect error", "dns error", a TLS handshake).
-                    Code::Unavailable
-                        if ["connect", "dns", "tls", "certificate", "handshake"]
-                            .iter()
-                            .any(|w| status.message().to_lowercase().contains(w)) =>
+                    Code::Unavailable | Code::Unknown
+                        if [
+                            "connect",
+                            "dns",
+                            "tls",
+                            "certificate",
+                            "handshake",
+                            "transport",
+                        ]
+                        .iter()
+                        .any(|w| status.message().to_lowercase().contains(w)) =>
                     {
                         EtcdError::Unreachable(format!("cannot connect: {}", status.message()))
                     }
@@ -150,6 +157,41 @@ pub async fn connect(cfg: &EtcdConfig, endpoints: &[String]) -> Result<Client, E
         opts = opts.with_tls(tls);
     }
     bounded(REQUEST_TIMEOUT, Client::connect(endpoints, Some(opts))).await
+}
+
+/// Runs `op` on `client` (balanced over every endpoint); when that fails for a reason a retry
+/// may cure, on each endpoint in turn with a client of its own, until one answers. A balanced channel sends a request to an
+/// endpoint it has not connected to yet and fails it if that member is down, so one member
+/// down must not pass for etcd being unreachable.
+pub async fn on_any_endpoint<T, F, Fut>(
+    cfg: &EtcdConfig,
+    client: &Client,
+    op: F,
+) -> Result<T, EtcdError>
+where
+    F: Fn(Client) -> Fut,
+    Fut: Future<Output = Result<T, EtcdError>>,
+{
+    match op(client.clone()).await {
+        Err(e) if e.is_transient() && cfg.endpoints.len() > 1 => {
+            let mut last = e;
+            for endpoint in &cfg.endpoints {
+                let one = match connect(cfg, std::slice::from_ref(endpoint)).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        last = e;
+                        continue;
+                    }
+                };
+                match op(one).await {
+                    Err(e) if e.is_unreachable() => last = e,
+                    other => return other,
+                }
+            }
+            Err(last)
+        }
+        other => other,
+    }
 }
 
 /// One key of the lock's prefix, as read: what the rules need of an etcd `KeyValue`.

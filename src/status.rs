@@ -345,9 +345,17 @@ fn etcd_main(etcd: EtcdConfig, name: &str, json: bool) -> ExitCode {
 }
 
 async fn etcd_report(etcd: &EtcdConfig, name: &str) -> Result<EtcdReport, crate::etcd::EtcdError> {
+    let client = crate::etcd::connect(etcd, &etcd.endpoints).await?;
+    crate::etcd::on_any_endpoint(etcd, &client, |c| read_etcd(c, name)).await
+}
+
+/// The queue and the marker, read through `client`.
+async fn read_etcd(
+    client: etcd_client::Client,
+    name: &str,
+) -> Result<EtcdReport, crate::etcd::EtcdError> {
     use crate::etcd::{REQUEST_TIMEOUT, bounded, marker_key, prefix};
     use etcd_client::{GetOptions, SortOrder, SortTarget};
-    let client = crate::etcd::connect(etcd, &etcd.endpoints).await?;
     let queue = bounded(
         REQUEST_TIMEOUT,
         client.clone().get(

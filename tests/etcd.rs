@@ -847,3 +847,26 @@ fn etcd_tls_client_certificates_and_a_user_as_etcdctl_names_them() {
     assert_eq!(out.status.code(), Some(125), "{out:?}");
     fx.wait_none_left(DEADLINE);
 }
+
+#[test]
+fn etcd_one_member_down_at_start_is_not_etcd_unreachable() {
+    if skip_without_etcd("etcd_one_member_down_at_start_is_not_etcd_unreachable") {
+        return;
+    }
+    let mut etcd = Cluster::three();
+    let fx = Fixture::new();
+    let name = lock_name("member-down");
+    // A balanced client sends its first request to a member it has not connected to yet; with
+    // that member down, run and status must try the others instead of exiting 125.
+    etcd.kill(0);
+    for _ in 0..3 {
+        let s = status(&etcd.endpoints(), &name);
+        assert_eq!(s["held"], false, "{s}");
+        let mut w = EtcdWrapper::new(&fx, &etcd.endpoints(), &name, &CLUSTER)
+            .flag("--silence", "8s")
+            .command(&["true"])
+            .spawn();
+        assert_eq!(exit_of(&mut w).code(), Some(0), "{}", w.output_report());
+    }
+    fx.wait_none_left(DEADLINE);
+}

@@ -617,17 +617,19 @@ impl Protocol for EtcdMutex {
     async fn open(&self) -> Result<Term, OpenError> {
         let sent = BootTime::now();
         let ttl = i64::try_from(self.cfg.ttl.as_secs()).unwrap_or(i64::MAX);
-        let granted = bounded(REQUEST_TIMEOUT, self.client.clone().lease_grant(ttl, None))
-            .await
-            .map_err(|e| OpenError {
-                message: format!(
-                    "cannot grant an etcd lease at {}: {e}{}",
-                    self.etcd.endpoints.join(","),
-                    grant_hint(&e)
-                ),
-                transient: e.is_transient(),
-                unreachable: e.is_unreachable(),
-            })?;
+        let granted = wire::on_any_endpoint(&self.etcd, &self.client, |mut c| async move {
+            bounded(REQUEST_TIMEOUT, c.lease_grant(ttl, None)).await
+        })
+        .await
+        .map_err(|e| OpenError {
+            message: format!(
+                "cannot grant an etcd lease at {}: {e}{}",
+                self.etcd.endpoints.join(","),
+                grant_hint(&e)
+            ),
+            transient: e.is_transient(),
+            unreachable: e.is_unreachable(),
+        })?;
         let lease = granted.id();
         // etcd raises a TTL below its minimum (1.5 election timeouts), never lowers one: a
         // longer lease only keeps our key longer after a crash. A shorter one would break the
