@@ -197,29 +197,43 @@ pub struct ConsulArgs {
 #[derive(Debug, Clone, Default, Args)]
 pub struct EtcdArgs {
     /// Use etcd at these endpoints instead of Consul: comma-separated URLs (http://host:2379,
-    /// https://..., or host:port) [env: ETCDCTL_ENDPOINTS]
-    #[arg(long, value_name = "URL[,URL...]")]
+    /// https://..., or host:port) [env: ETCDCTL_ENDPOINTS]. Engine: a flag of one engine wins
+    /// over the other's variables; flags of both, or ETCDCTL_ENDPOINTS and CONSUL_HTTP_ADDR
+    /// both set without a flag, are refused (exit 2); nothing set means Consul.
+    #[arg(
+        long,
+        value_name = "URL[,URL...]",
+        help_heading = "etcd (instead of Consul)"
+    )]
     pub etcd_endpoints: Option<String>,
 
     /// CA certificate (PEM) to verify etcd's TLS certificates with [env: ETCDCTL_CACERT]
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", help_heading = "etcd (instead of Consul)")]
     pub etcd_cacert: Option<PathBuf>,
 
     /// Client certificate (PEM) for etcd's TLS client authentication [env: ETCDCTL_CERT]
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", help_heading = "etcd (instead of Consul)")]
     pub etcd_cert: Option<PathBuf>,
 
     /// Private key (PEM) of --etcd-cert [env: ETCDCTL_KEY]
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", help_heading = "etcd (instead of Consul)")]
     pub etcd_key: Option<PathBuf>,
 
     /// etcd user, NAME or NAME:PASSWORD [env: ETCDCTL_USER]
-    #[arg(long, value_name = "NAME[:PASSWORD]")]
+    #[arg(
+        long,
+        value_name = "NAME[:PASSWORD]",
+        help_heading = "etcd (instead of Consul)"
+    )]
     pub etcd_user: Option<String>,
 
     /// Password of --etcd-user (prefer ETCDCTL_PASSWORD: a password on the command line is
     /// visible in ps) [env: ETCDCTL_PASSWORD]
-    #[arg(long, value_name = "PASSWORD")]
+    #[arg(
+        long,
+        value_name = "PASSWORD",
+        help_heading = "etcd (instead of Consul)"
+    )]
     pub etcd_password: Option<String>,
 }
 
