@@ -27,6 +27,7 @@ use crate::election::{self, Fence, PreviousTerm};
 use crate::exit;
 use crate::lock::consul::ConsulMutex;
 use crate::lock::etcd::EtcdMutex;
+use crate::lock::semaphore::ConsulSemaphore;
 use crate::lock::{AbortOnDrop, ContendEnd, Protocol, Renewal, SessionEnd, Term, Verdict, Won};
 use crate::notify;
 use crate::supervisor::{self, ChildExit, ChildSpec, Supervisor};
@@ -67,7 +68,17 @@ pub fn main(args: Box<RunArgs>) -> ExitCode {
             return ExitCode::from(exit::INTERNAL);
         }
     };
-    let outcome = runtime.block_on(run(cfg));
+    // Every line of this run carries these fields in JSON logs (`pid`: the command's, once it
+    // runs). ERROR level, so that `-q` keeps them too. Entered around `block_on`: every task of
+    // the current-thread runtime, spawned ones included, runs inside it.
+    let span = tracing::error_span!(
+        "run",
+        key = %cfg.key,
+        session = tracing::field::Empty,
+        pid = tracing::field::Empty,
+        fencing_token = tracing::field::Empty,
+    );
+    let outcome = span.in_scope(|| runtime.block_on(run(cfg)));
     drop(runtime);
     match outcome {
         Outcome::Code(code) => ExitCode::from(code),
@@ -202,13 +213,26 @@ async fn run(cfg: RunConfig) -> Outcome {
                     return Outcome::Code(exit::INTERNAL);
                 }
             };
-            let mut leader = Leader {
-                lock: ConsulMutex::new(client, cfg.clone()),
-                cfg,
-                signals,
-                supervisor,
-            };
-            leader.run().await
+            // `--limit 1` is the mutex on the key; more is a semaphore under it as a prefix.
+            if cfg.limit > 1 {
+                Leader {
+                    lock: ConsulSemaphore::new(client, cfg.clone()),
+                    cfg,
+                    signals,
+                    supervisor,
+                }
+                .run()
+                .await
+            } else {
+                Leader {
+                    lock: ConsulMutex::new(client, cfg.clone()),
+                    cfg,
+                    signals,
+                    supervisor,
+                }
+                .run()
+                .await
+            }
         }
         Engine::Etcd(etcd) => {
             let client = match crate::etcd::connect(&etcd, &etcd.endpoints).await {
@@ -221,19 +245,30 @@ async fn run(cfg: RunConfig) -> Outcome {
                     return Outcome::Code(exit::INTERNAL);
                 }
             };
-            let mut leader = Leader {
+            Leader {
                 lock: EtcdMutex::new(client, etcd, cfg.clone()),
                 cfg,
                 signals,
                 supervisor,
-            };
-            leader.run().await
+            }
+            .run()
+            .await
         }
     }
 }
 
 impl<P: Protocol> Leader<P> {
     async fn run(&mut self) -> Outcome {
+        // Try-once (cron): one read answers "busy" without writing a session.
+        if self.cfg.wait == Some(Duration::ZERO) {
+            if let Some(why) = self.lock.busy().await {
+                info!(
+                    "not leader of {}: {why}; exiting with {}",
+                    self.cfg.key, self.cfg.busy_exit_code
+                );
+                return Outcome::Code(self.cfg.busy_exit_code);
+            }
+        }
         let mut first_term = true;
         loop {
             if let Some(sig) = self.signals.pending_stop() {
@@ -245,6 +280,7 @@ impl<P: Protocol> Leader<P> {
                 Err(outcome) => return outcome,
             };
             first_term = false;
+            tracing::Span::current().record("session", tracing::field::display(term.id()));
             let _watchdog = notify::watchdog_interval().map(|every| {
                 AbortOnDrop::spawn(ping_watchdog(
                     every,
@@ -375,6 +411,7 @@ impl<P: Protocol> Leader<P> {
     /// Holds the lock: the wait owed to earlier holders, the child, and the stop sequence.
     async fn lead(&mut self, term: &mut P::Term, won: P::Won) -> TermEnd {
         let cfg = self.cfg.clone();
+        tracing::Span::current().record("fencing_token", won.fencing_token());
         info!(
             "acquired the lock on {} (fencing token {})",
             cfg.key,
@@ -478,17 +515,43 @@ impl<P: Protocol> Leader<P> {
             self.lock.release(term, won, true).await;
             return Err(TermEnd::Done(Outcome::Signal(sig)));
         }
-        // Nor may a child start when the session cannot be trusted any more.
-        let r = renewals.borrow().clone();
-        let fence = Fence::after_renew(r.last_ok_sent, cfg.ttl, cfg.grace);
-        if let Some(end) = r.end {
-            return Err(self.end_without_child(term, won, verdict_of(end)).await);
-        }
-        if fence.stop_at.has_passed() {
-            let reason = "the session could not be renewed before the command was to start";
-            error!("lost leadership on {}: {reason}", cfg.key);
-            return Err(TermEnd::Lost(reason.into(), None));
-        }
+        // Nor may a child start past the fence. A session that could not be renewed lately (a
+        // Consul election, a slow agent) is not lost for that: wait for a renew to succeed, or
+        // for the renewer to learn that the session is gone.
+        let mut announced = false;
+        let fence = loop {
+            let r = renewals.borrow_and_update().clone();
+            if let Some(end) = r.end {
+                return Err(self.end_without_child(term, won, verdict_of(end)).await);
+            }
+            let fence = Fence::after_renew(r.last_ok_sent, cfg.ttl, cfg.grace);
+            if !fence.stop_at.has_passed() {
+                break fence;
+            }
+            if !announced {
+                warn!(
+                    "the session has not been renewed lately; the command starts once a renew succeeds"
+                );
+                announced = true;
+            }
+            tokio::select! {
+                changed = renewals.changed() => {
+                    if changed.is_err() && renewals.borrow().end.is_none() {
+                        let reason = "the session could not be renewed before the command was to start";
+                        error!("lost leadership on {}: {reason}", cfg.key);
+                        return Err(TermEnd::Lost(reason.into(), None));
+                    }
+                }
+                verdict = verdicts.recv() => {
+                    let verdict = verdict.unwrap_or_else(|| Verdict::Lost("the key watcher stopped".into()));
+                    return Err(self.end_without_child(term, won, verdict).await);
+                }
+                sig = self.signals.next_stop() => {
+                    self.lock.release(term, won, true).await;
+                    return Err(TermEnd::Done(Outcome::Signal(sig)));
+                }
+            }
+        };
         let spec = self.child_spec(&term.id(), won.fencing_token(), won.child_env());
         let pid = match self.supervisor.spawn(&spec, fence) {
             Ok(pid) => pid,
@@ -498,6 +561,7 @@ impl<P: Protocol> Leader<P> {
                 return Err(TermEnd::Done(Outcome::Code(e.exit_code())));
             }
         };
+        tracing::Span::current().record("pid", pid);
         info!("started the command, pid {pid}");
         notify::status(&format!(
             "leader since {}, child pid {}",
@@ -512,7 +576,12 @@ impl<P: Protocol> Leader<P> {
         }
         let why = loop {
             tokio::select! {
-                status = self.supervisor.wait() => break Why::Exited(status),
+                status = self.supervisor.wait() => break match self.supervisor.fenced() {
+                    // The keeper stopped the command at the fence: leadership is over, whatever
+                    // a late renew says now.
+                    Some(reason) => Why::Ended(Verdict::Lost(reason.into())),
+                    None => Why::Exited(status),
+                },
                 ended = ended(verdicts, renewals, &cfg) => match ended {
                     Ok(verdict) => break Why::Ended(verdict),
                     // Each renew moves the fence: the supervisor's keeper enforces it too.
@@ -664,6 +733,7 @@ impl<P: Protocol> Leader<P> {
             .iter()
             .map(|s| s.to_string())
             .collect(),
+            stop_signal: self.cfg.stop_signal,
         }
     }
 }

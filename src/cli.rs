@@ -8,17 +8,14 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::parser::ValueSource;
-use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
+use clap::{
+    ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum, ValueHint,
+};
 
 /// Run a command only while this host holds leadership through a Consul session lock.
 #[derive(Debug, Parser)]
 #[command(name = "consul-leader", version, propagate_version = true)]
-#[command(after_help = "\
-Examples:
-  consul-leader run --key jobs/report -- /usr/local/bin/report --daily
-  consul-leader run --key jobs/backup --wait 0 -- backup.sh     # from cron: give up at once if busy
-  consul-leader status --key jobs/report
-  consul-leader dev-agent                                       # a local stand-in for Consul")]
+#[command(after_help = crate::docs::after_help(&crate::docs::ROOT))]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -63,6 +60,18 @@ pub enum Command {
     Status(Box<StatusArgs>),
     /// Start a single-node, in-memory Consul-compatible server for trying the tool and for tests.
     DevAgent(DevAgentArgs),
+    /// Show a leader, a standby and a handover in a few seconds, against a throwaway dev agent.
+    #[command(
+        long_about = "Show a leader, a standby and a handover in a few seconds, against a \
+        throwaway dev agent.\n\nStarts `consul-leader dev-agent` on a free port, then two \
+        wrappers, alice and bob, that run the same command under the same key: alice leads, bob \
+        waits as a standby, alice is stopped, and bob takes over at once because alice released \
+        cleanly. Every line they print is shown, prefixed with who printed it. Needs nothing but \
+        this program and /bin/sh; stops everything it started before it exits. Also a quick way \
+        to check an installation."
+    )]
+    #[command(after_help = crate::docs::after_help(&crate::docs::DEMO))]
+    Demo,
     /// Write the man pages and shell completions (for packagers and for this repository).
     #[command(hide = true)]
     GenerateDocs {
@@ -100,18 +109,15 @@ pub enum LogFormat {
     Json,
 }
 
-/// How to reach the Consul agent. Flags override the environment variables Consul's own CLI reads.
+/// How to reach the Consul agent. Each flag overrides the environment variable Consul's own CLI
+/// reads; `config` resolves them (an empty variable counts as unset, as in Consul's CLI, which clap's
+/// own `env` support would treat as an empty value).
 #[derive(Debug, Clone, Args)]
 pub struct ConsulArgs {
-    /// Consul agent address: host:port, http://, https:// or unix:///path.
-    #[arg(
-        long,
-        env = "CONSUL_HTTP_ADDR",
-        value_name = "ADDR",
-        default_value = "127.0.0.1:8500",
-        hide_env_values = true
-    )]
-    pub http_addr: String,
+    /// Consul agent address: host:port, http://host:port, https://host:port or unix:///path
+    /// [env: CONSUL_HTTP_ADDR] [default: 127.0.0.1:8500].
+    #[arg(long, value_name = "ADDR")]
+    pub http_addr: Option<String>,
 
     /// ACL token (prefer --token-file: a token on the command line is visible in ps).
     /// Precedence, as in Consul's CLI: --token-file, --token, CONSUL_HTTP_TOKEN_FILE,
@@ -119,75 +125,44 @@ pub struct ConsulArgs {
     #[arg(long, value_name = "TOKEN")]
     pub token: Option<String>,
 
-    /// File holding the ACL token.
-    #[arg(long, value_name = "PATH")]
+    /// File holding the ACL token [env: CONSUL_HTTP_TOKEN_FILE].
+    #[arg(long, value_name = "PATH", value_hint = ValueHint::FilePath)]
     pub token_file: Option<PathBuf>,
 
     /// Datacenter to use instead of the agent's own (sent as ?dc=).
     #[arg(long, value_name = "NAME")]
     pub datacenter: Option<String>,
 
-    /// CA certificate file (PEM) to verify the agent's TLS certificate with.
-    #[arg(
-        long,
-        env = "CONSUL_CACERT",
-        value_name = "PATH",
-        hide_env_values = true
-    )]
+    /// CA certificate file (PEM) to verify the agent's TLS certificate with [env: CONSUL_CACERT].
+    #[arg(long, value_name = "PATH", value_hint = ValueHint::FilePath)]
     pub ca_file: Option<PathBuf>,
 
-    /// Directory of CA certificates (PEM) to verify the agent's TLS certificate with.
-    #[arg(
-        long,
-        env = "CONSUL_CAPATH",
-        value_name = "DIR",
-        hide_env_values = true
-    )]
+    /// Directory of CA certificates (PEM) to verify the agent's TLS certificate with
+    /// [env: CONSUL_CAPATH].
+    #[arg(long, value_name = "DIR", value_hint = ValueHint::DirPath)]
     pub ca_path: Option<PathBuf>,
 
-    /// Client certificate (PEM) for agents that require TLS client authentication.
-    #[arg(
-        long,
-        env = "CONSUL_CLIENT_CERT",
-        value_name = "PATH",
-        hide_env_values = true
-    )]
+    /// Client certificate (PEM) for agents that require TLS client authentication
+    /// [env: CONSUL_CLIENT_CERT].
+    #[arg(long, value_name = "PATH", value_hint = ValueHint::FilePath)]
     pub client_cert: Option<PathBuf>,
 
-    /// Private key (PEM) of the client certificate.
-    #[arg(
-        long,
-        env = "CONSUL_CLIENT_KEY",
-        value_name = "PATH",
-        hide_env_values = true
-    )]
+    /// Private key (PEM) of the client certificate [env: CONSUL_CLIENT_KEY].
+    #[arg(long, value_name = "PATH", value_hint = ValueHint::FilePath)]
     pub client_key: Option<PathBuf>,
 
-    /// Name to verify the agent's certificate against (and send as SNI), if not the address's host.
-    #[arg(
-        long,
-        env = "CONSUL_TLS_SERVER_NAME",
-        value_name = "NAME",
-        hide_env_values = true
-    )]
+    /// Name to verify the agent's certificate against (and send as SNI), if not the address's host
+    /// [env: CONSUL_TLS_SERVER_NAME].
+    #[arg(long, value_name = "NAME")]
     pub tls_server_name: Option<String>,
 
-    /// Enterprise namespace (sent as ?ns=); Consul CE refuses it.
-    #[arg(
-        long,
-        env = "CONSUL_NAMESPACE",
-        value_name = "NAME",
-        hide_env_values = true
-    )]
+    /// Enterprise namespace (sent as ?ns=); Consul CE refuses it [env: CONSUL_NAMESPACE].
+    #[arg(long, value_name = "NAME")]
     pub namespace: Option<String>,
 
-    /// Enterprise admin partition (sent as ?partition=); Consul CE refuses it.
-    #[arg(
-        long,
-        env = "CONSUL_PARTITION",
-        value_name = "NAME",
-        hide_env_values = true
-    )]
+    /// Enterprise admin partition (sent as ?partition=); Consul CE refuses it
+    /// [env: CONSUL_PARTITION].
+    #[arg(long, value_name = "NAME")]
     pub partition: Option<String>,
 }
 
@@ -239,51 +214,49 @@ pub struct EtcdArgs {
 
 /// Options of `consul-leader run`.
 #[derive(Debug, Args)]
-#[command(after_help = "\
-Exit codes:
-  the command's own code     the command exited
-  128+N                      the command was killed by signal N
-  75                         not leader within --wait (see --busy-exit-code)
-  76                         leadership lost while the command ran (see --lost-exit-code)
-  125                        Consul or etcd unreachable, access denied, bad response, internal error
-  126 / 127                  the command cannot be executed / was not found
-  2                          usage error
-
-Examples:
-  consul-leader run --key jobs/report -- /usr/local/bin/report --daily
-  consul-leader run --key jobs/report --wait 0 -- report     # cron: exit 75 at once when busy
-  consul-leader run --key svc/worker --on-lost recontend --shell -- 'exec worker >>/var/log/w.log'
-  consul-leader run --etcd-endpoints http://10.0.0.1:2379 --key jobs/report -- report   # on etcd")]
+#[command(after_help = crate::docs::after_help(&crate::docs::RUN))]
 pub struct RunArgs {
     /// The Consul KV key to lock, for example `jobs/report`; on etcd, the lock's name, as in
     /// `etcdctl lock NAME` (its keys are NAME/<lease id>).
     #[arg(long, value_name = "KEY")]
     pub key: String,
 
+    /// Let at most N holders run at once (a semaphore, the layout of `consul lock -n N`): KEY is
+    /// then a prefix, holding KEY/.lock and one key per contender. 1 is the lock on KEY itself.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub limit: u32,
+
     /// Session TTL: how long Consul keeps the session without a renew (it really waits 2x).
-    #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = parse_duration, allow_hyphen_values = true)]
     pub ttl: Duration,
 
     /// Lock-delay: after this session is invalidated, Consul refuses the key to others this long.
-    #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = parse_duration, allow_hyphen_values = true)]
     pub lock_delay: Duration,
 
     /// Minimum gap between the previous leader's end and our command's start (skipped after a clean
     /// release).
-    #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = parse_duration, allow_hyphen_values = true)]
     pub silence: Duration,
 
     /// Time between the stop signal and SIGKILL.
-    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration, allow_hyphen_values = true)]
     pub grace: Duration,
 
-    /// Signal that asks the command to stop, by name (TERM, INT, HUP, QUIT, USR1, ...).
-    #[arg(long, value_name = "SIGNAL", default_value = "TERM")]
+    /// Signal that asks the command to stop, by name (TERM, INT, HUP, QUIT, USR1, ...) or number.
+    #[arg(
+        long,
+        value_name = "SIGNAL",
+        default_value = "TERM",
+        value_parser = SignalNameParser,
+        hide_possible_values = true,
+        allow_hyphen_values = true
+    )]
     pub stop_signal: String,
 
     /// How long to try for the lock before giving up with the busy exit code; 0 tries once.
     /// Default: wait for ever.
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, allow_hyphen_values = true)]
     pub wait: Option<Duration>,
 
     /// Run the command through `sh -c` (one string) instead of executing it directly.
@@ -299,15 +272,17 @@ pub struct RunArgs {
     pub no_node_check: bool,
 
     /// What to do when leadership is lost while the command runs.
-    #[arg(long, value_enum, default_value = "exit")]
+    #[arg(long, value_enum, value_name = "ACTION", default_value = "exit")]
     pub on_lost: OnLost,
 
-    /// Exit code when the lock was not won within --wait.
-    #[arg(long, value_name = "CODE", default_value_t = 75)]
+    /// Exit code when the lock was not won within --wait (change it when the command's own
+    /// codes include 75).
+    #[arg(long, value_name = "CODE", default_value = "75", value_parser = parse_exit_code, allow_hyphen_values = true)]
     pub busy_exit_code: u8,
 
-    /// Exit code when leadership was lost while the command ran.
-    #[arg(long, value_name = "CODE", default_value_t = 76)]
+    /// Exit code when leadership was lost while the command ran (change it when the command's
+    /// own codes include 76).
+    #[arg(long, value_name = "CODE", default_value = "76", value_parser = parse_exit_code, allow_hyphen_values = true)]
     pub lost_exit_code: u8,
 
     /// This contender's stable identity, written into the key's value; it survives a restart of
@@ -339,9 +314,10 @@ pub struct RunArgs {
 
     /// Signals forwarded to the command's process group instead of being acted on, comma
     /// separated: any of HUP, QUIT, USR1, USR2, WINCH, ALRM. TERM and INT always stop the
-    /// command; HUP and QUIT do unless forwarded.
-    #[arg(long, value_name = "SIGNALS", default_value = "USR1,USR2,WINCH")]
-    pub forward_signals: String,
+    /// command; HUP and QUIT do unless forwarded. Default: USR1,USR2,WINCH, less the
+    /// --stop-signal.
+    #[arg(long, value_name = "SIGNALS")]
+    pub forward_signals: Option<String>,
 
     /// Session name shown in Consul (default: consul-leader <key> on <host> pid <pid>).
     #[arg(long, value_name = "NAME")]
@@ -356,7 +332,7 @@ pub struct RunArgs {
     pub verbose: bool,
 
     /// Log line format on stderr.
-    #[arg(long, value_enum, default_value = "text")]
+    #[arg(long, value_enum, value_name = "FORMAT", default_value = "text")]
     pub log_format: LogFormat,
 
     #[command(flatten)]
@@ -370,22 +346,22 @@ pub struct RunArgs {
     pub given: Vec<String>,
 
     /// The command to run, and its arguments (after `--`).
-    #[arg(required = true, trailing_var_arg = true, value_name = "COMMAND")]
+    #[arg(
+        required = true,
+        trailing_var_arg = true,
+        value_name = "COMMAND",
+        value_hint = ValueHint::CommandWithArguments
+    )]
     pub command: Vec<String>,
 }
 
 /// Options of `consul-leader status`.
 #[derive(Debug, Args)]
-#[command(after_help = "\
-Exit codes: 0 the key is held, 1 it is free (or not a lock), 125 Consul (or etcd) could not be
-asked, 2 usage error.
-
-Examples:
-  consul-leader status --key jobs/report
-  consul-leader status --key jobs/report --json | jq -r .holder
-  consul-leader status --etcd-endpoints http://127.0.0.1:2379 --key jobs/report")]
+#[command(after_help = crate::docs::after_help(&crate::docs::STATUS))]
 pub struct StatusArgs {
-    /// The Consul KV key to inspect; on etcd, the lock's name (as in `etcdctl lock NAME`).
+    /// The Consul KV key to inspect, or the prefix of a semaphore (`run --limit N`,
+    /// `consul lock -n N`): then its limit, holders and free slots. On etcd, the lock's name
+    /// (as in `etcdctl lock NAME`).
     #[arg(long, value_name = "KEY")]
     pub key: String,
 
@@ -406,15 +382,13 @@ pub struct StatusArgs {
 
 /// Options of `consul-leader dev-agent`.
 #[derive(Debug, Args)]
-#[command(after_help = "\
-The dev agent keeps everything in memory and is for development and tests only, like
-`consul agent -dev`. It prints `dev-agent listening on ADDR` once it accepts connections.
-
-Examples:
-  consul-leader dev-agent
-  consul-leader dev-agent --listen 127.0.0.1:0 --session-ttl-min 1s
-  consul-leader dev-agent --listen unix:///tmp/consul.sock
-  consul-leader dev-agent --listen 127.0.0.1:8501 --tls-cert agent.pem --tls-key agent-key.pem")]
+#[command(
+    long_about = "Start a single-node, in-memory Consul-compatible server for trying the tool and \
+                  for tests.\n\nThe dev agent keeps everything in memory and is for development \
+                  and tests only, like `consul agent -dev`. It prints `dev-agent listening on \
+                  ADDR` once it accepts connections.",
+    after_help = crate::docs::after_help(&crate::docs::DEV_AGENT)
+)]
 pub struct DevAgentArgs {
     /// Address to listen on: ip:port (port 0 picks a free port) or unix:///path/to.sock.
     #[arg(
@@ -446,8 +420,14 @@ pub struct DevAgentArgs {
     pub datacenter: String,
 
     /// Smallest session TTL accepted (Consul's session_ttl_min); tests lower it.
-    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration, allow_hyphen_values = true)]
     pub session_ttl_min: Duration,
+
+    /// Delay every write that Consul commits through Raft (KV writes, session create and
+    /// destroy) by this long before it is applied, so that a read sent at the same time answers
+    /// first, as it can with a real cluster. Zero (the default) applies writes at once.
+    #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = parse_duration, allow_hyphen_values = true)]
+    pub commit_latency: Duration,
 
     /// Require this ACL token on every request; others get 403 Permission denied.
     #[arg(long, value_name = "TOKEN")]
@@ -487,13 +467,81 @@ pub fn parse_listen(s: &str) -> Result<Listen, String> {
     })
 }
 
+/// A value that starts with `-`: either a negative number, or the next option taken as this one's
+/// value because the value itself was left out. Options that accept such values (to explain them
+/// instead of clap's tip to write `-- -1`, which would end option parsing) say which it was.
+fn hyphen_value_error(s: &str, what: &str) -> Option<String> {
+    let rest = s.strip_prefix('-')?;
+    Some(if rest.starts_with(|c: char| c.is_ascii_digit()) {
+        format!("it cannot be negative; use {what}")
+    } else {
+        format!("the value is missing (found the option `{s}` instead); give {what}")
+    })
+}
+
 /// Parses a humantime duration (`500ms`, `15s`, `2m`); a bare `0` means zero.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    if let Some(e) = hyphen_value_error(s, "a duration such as 500ms, 15s or 2m") {
+        return Err(e);
+    }
     if s.trim() == "0" {
         return Ok(Duration::ZERO);
     }
     humantime::parse_duration(s)
         .map_err(|e| format!("{e} (use a duration such as 500ms, 15s or 2m)"))
+}
+
+/// Parses an exit code, 0 to 255.
+pub fn parse_exit_code(s: &str) -> Result<u8, String> {
+    if let Some(e) = hyphen_value_error(s, "an exit code from 0 to 255") {
+        return Err(e);
+    }
+    s.trim()
+        .parse::<u8>()
+        .map_err(|_| "an exit code is a whole number from 0 to 255".to_string())
+}
+
+/// Signal names offered by shell completions for `--stop-signal`; any other name or number is
+/// accepted too and checked by `config`.
+pub const SIGNAL_NAMES: [&str; 10] = [
+    "TERM", "INT", "HUP", "QUIT", "USR1", "USR2", "WINCH", "ALRM", "PWR", "CONT",
+];
+
+/// Keeps `--stop-signal` a string (names and numbers are checked in `config`), while telling
+/// clap the usual names so that shell completions offer them, and explaining a negative number.
+#[derive(Clone)]
+pub struct SignalNameParser;
+
+impl clap::builder::TypedValueParser for SignalNameParser {
+    type Value = String;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<String, clap::Error> {
+        let s = value.to_string_lossy();
+        if let Some(e) = hyphen_value_error(&s, "a signal name such as TERM, or a signal number") {
+            let arg = arg.map_or_else(|| "--stop-signal".to_string(), ToString::to_string);
+            return Err(clap::Error::raw(
+                clap::error::ErrorKind::ValueValidation,
+                format!("invalid value '{s}' for '{arg}': {e}\n"),
+            )
+            .with_cmd(cmd));
+        }
+        Ok(s.into_owned())
+    }
+
+    fn possible_values(
+        &self,
+    ) -> Option<Box<dyn Iterator<Item = clap::builder::PossibleValue> + '_>> {
+        Some(Box::new(
+            SIGNAL_NAMES
+                .iter()
+                .map(|n| clap::builder::PossibleValue::new(*n)),
+        ))
+    }
 }
 
 #[cfg(test)]

@@ -26,9 +26,13 @@ impl BootTime {
     }
 
     /// Builds a moment from its offset since boot.
-    #[cfg(test)]
     pub fn from_since_boot(d: Duration) -> BootTime {
         BootTime(d)
+    }
+
+    /// The offset since boot: how a moment crosses a process boundary (the keeper's pipe).
+    pub fn since_boot(self) -> Duration {
+        self.0
     }
 
     /// `self - earlier`, or zero when `earlier` is later.

@@ -92,16 +92,66 @@ fn read_file(path: &Path, what: &str, setting: &str) -> Result<Vec<u8>, ConfigEr
     })
 }
 
+/// Reads a token file. Consul's CLI quietly falls back to the anonymous token when the file is
+/// empty; a file that was named but holds nothing is almost always a token that was never written,
+/// so it is refused here instead of turning into confusing ACL denials (or, with ACLs off, into a
+/// setup that breaks the day ACLs are enabled).
 fn read_token(path: &Path, setting: &str) -> Result<String, ConfigError> {
     let bytes = read_file(path, "token file", setting)?;
-    Ok(String::from_utf8_lossy(&bytes).trim().to_string())
+    let token = String::from_utf8_lossy(&bytes).trim().to_string();
+    if token.is_empty() {
+        return Err(bad(format!(
+            "the token file {} ({setting}) is empty; write the ACL token into it, or unset \
+             {setting} to use the agent's default token",
+            path.display()
+        )));
+    }
+    Ok(token)
+}
+
+/// Consul's default HTTP address, used when neither `--http-addr` nor `CONSUL_HTTP_ADDR` is set.
+pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:8500";
+
+/// A flag's value, or else its environment variable's when that is set and not empty.
+fn flag_or_env(flag: Option<&str>, var: &str) -> Option<String> {
+    flag.map(str::to_string).or_else(|| env_nonempty(var))
+}
+
+fn path_flag_or_env(flag: Option<&PathBuf>, var: &str) -> Option<PathBuf> {
+    flag.cloned()
+        .or_else(|| env_nonempty(var).map(PathBuf::from))
+}
+
+/// The connection settings with each flag or, failing it, its environment variable resolved.
+struct Resolved {
+    http_addr: String,
+    ca_file: Option<PathBuf>,
+    ca_path: Option<PathBuf>,
+    client_cert: Option<PathBuf>,
+    client_key: Option<PathBuf>,
+    tls_server_name: Option<String>,
+}
+
+impl Resolved {
+    fn from_args(args: &ConsulArgs) -> Self {
+        Self {
+            http_addr: flag_or_env(args.http_addr.as_deref(), "CONSUL_HTTP_ADDR")
+                .unwrap_or_else(|| DEFAULT_HTTP_ADDR.to_string()),
+            ca_file: path_flag_or_env(args.ca_file.as_ref(), "CONSUL_CACERT"),
+            ca_path: path_flag_or_env(args.ca_path.as_ref(), "CONSUL_CAPATH"),
+            client_cert: path_flag_or_env(args.client_cert.as_ref(), "CONSUL_CLIENT_CERT"),
+            client_key: path_flag_or_env(args.client_key.as_ref(), "CONSUL_CLIENT_KEY"),
+            tls_server_name: flag_or_env(args.tls_server_name.as_deref(), "CONSUL_TLS_SERVER_NAME"),
+        }
+    }
 }
 
 impl ConsulConfig {
     pub fn from_args(args: &ConsulArgs) -> Result<Self, ConfigError> {
+        let resolved = Resolved::from_args(args);
         let ssl = env_bool("CONSUL_HTTP_SSL")?.unwrap_or(false);
         let insecure = !env_bool("CONSUL_HTTP_SSL_VERIFY")?.unwrap_or(true);
-        let (base_url, unix_socket) = parse_address(&args.http_addr, ssl)?;
+        let (base_url, unix_socket) = parse_address(&resolved.http_addr, ssl)?;
         // Consul's precedence (consul-api.md §7.3): flags before the environment, and a token
         // file before a token at each level.
         let token = if let Some(path) = &args.token_file {
@@ -114,26 +164,38 @@ impl ConsulConfig {
             env_nonempty("CONSUL_HTTP_TOKEN")
         }
         .filter(|t| !t.is_empty());
+        if let Some(t) = &token {
+            // It travels in the X-Consul-Token header; the token itself is never printed.
+            if t.chars().any(|c| c != '\t' && !(' '..='~').contains(&c)) {
+                return Err(bad(
+                    "the ACL token contains characters that cannot be sent in an HTTP header \
+                     (a stray control or non-ASCII character?); check --token-file, --token, \
+                     CONSUL_HTTP_TOKEN_FILE or CONSUL_HTTP_TOKEN",
+                ));
+            }
+        }
         let basic_auth = env_nonempty("CONSUL_HTTP_AUTH").map(|v| match v.split_once(':') {
             Some((user, pass)) => (user.to_string(), pass.to_string()),
             None => (v, String::new()),
         });
         Ok(Self {
+            addr_display: describe_address(&resolved.http_addr, &base_url),
             base_url,
-            addr_display: args.http_addr.clone(),
             unix_socket,
             token,
             datacenter: args.datacenter.clone().filter(|d| !d.is_empty()),
-            namespace: args.namespace.clone().filter(|n| !n.is_empty()),
-            partition: args.partition.clone().filter(|p| !p.is_empty()),
+            namespace: flag_or_env(args.namespace.as_deref(), "CONSUL_NAMESPACE")
+                .filter(|n| !n.is_empty()),
+            partition: flag_or_env(args.partition.as_deref(), "CONSUL_PARTITION")
+                .filter(|p| !p.is_empty()),
             basic_auth,
-            tls: TlsConfig::from_args(args, insecure)?,
+            tls: TlsConfig::from_resolved(&resolved, insecure)?,
         })
     }
 }
 
 impl TlsConfig {
-    fn from_args(args: &ConsulArgs, insecure: bool) -> Result<Self, ConfigError> {
+    fn from_resolved(args: &Resolved, insecure: bool) -> Result<Self, ConfigError> {
         // As in Consul's client (go-rootcerts), a CA file wins over a CA directory: the
         // directory is not read at all then, so a stray file in it cannot break a working setup.
         let mut ca_files = Vec::new();
@@ -379,7 +441,7 @@ impl std::fmt::Debug for EtcdConfig {
 }
 
 /// A flag's value, else its variable's (empty counts as unset).
-fn flag_or_env<T: Clone>(
+fn etcd_flag_or_env<T: Clone>(
     flag: &Option<T>,
     var: &str,
     from: impl Fn(String) -> T,
@@ -403,9 +465,9 @@ impl EtcdConfig {
                 var.to_string()
             }
         };
-        let ca = flag_or_env(&args.etcd_cacert, "ETCDCTL_CACERT", PathBuf::from);
-        let cert = flag_or_env(&args.etcd_cert, "ETCDCTL_CERT", PathBuf::from);
-        let key = flag_or_env(&args.etcd_key, "ETCDCTL_KEY", PathBuf::from);
+        let ca = etcd_flag_or_env(&args.etcd_cacert, "ETCDCTL_CACERT", PathBuf::from);
+        let cert = etcd_flag_or_env(&args.etcd_cert, "ETCDCTL_CERT", PathBuf::from);
+        let key = etcd_flag_or_env(&args.etcd_key, "ETCDCTL_KEY", PathBuf::from);
         let ca_pem = match &ca {
             Some((path, from)) => {
                 let what = setting("--etcd-cacert", "ETCDCTL_CACERT", from);
@@ -450,7 +512,7 @@ impl EtcdConfig {
             }
         };
         let tls = ca_pem.is_some() || identity_pem.is_some();
-        let (list, from) = flag_or_env(&args.etcd_endpoints, "ETCDCTL_ENDPOINTS", |v| v)
+        let (list, from) = etcd_flag_or_env(&args.etcd_endpoints, "ETCDCTL_ENDPOINTS", |v| v)
             .unwrap_or_else(|| ("127.0.0.1:2379".to_string(), String::new()));
         let what = setting("--etcd-endpoints", "ETCDCTL_ENDPOINTS", &from);
         let endpoints = list
@@ -470,7 +532,7 @@ impl EtcdConfig {
                  --etcd-cert); use https:// endpoints"
             )));
         }
-        let user = match flag_or_env(&args.etcd_user, "ETCDCTL_USER", |v| v) {
+        let user = match etcd_flag_or_env(&args.etcd_user, "ETCDCTL_USER", |v| v) {
             None => None,
             Some((user, from)) => {
                 let what = setting("--etcd-user", "ETCDCTL_USER", &from);
@@ -485,7 +547,8 @@ impl EtcdConfig {
                 }
                 let password = inline
                     .or_else(|| {
-                        flag_or_env(&args.etcd_password, "ETCDCTL_PASSWORD", |v| v).map(|(p, _)| p)
+                        etcd_flag_or_env(&args.etcd_password, "ETCDCTL_PASSWORD", |v| v)
+                            .map(|(p, _)| p)
                     })
                     .ok_or_else(|| {
                         bad(format!(
@@ -527,10 +590,44 @@ fn normalize_endpoint(e: &str, tls: bool, what: &str) -> Result<String, ConfigEr
     Ok(format!("{scheme}://{rest}"))
 }
 
+/// How an address is named in messages. A host without a port goes to the scheme's default port
+/// (80, or 443 for https) exactly as with Consul's CLI, whose client puts the address into the
+/// URL as it is; since Consul itself listens on 8500, the messages say so.
+fn describe_address(addr: &str, base_url: &str) -> String {
+    if addr.trim().starts_with("unix://") {
+        return addr.to_string();
+    }
+    let authority = base_url
+        .split_once("://")
+        .map_or("", |(_, rest)| rest.split('/').next().unwrap_or(""));
+    let has_port = match authority.rsplit_once(':') {
+        // `[::1]` has colons but no port; `[::1]:8500` ends in one.
+        Some((host, port)) => {
+            port.chars().all(|c| c.is_ascii_digit())
+                && (!host.starts_with('[') || host.ends_with(']'))
+        }
+        None => false,
+    };
+    if has_port || authority.is_empty() {
+        return addr.to_string();
+    }
+    let port = if base_url.starts_with("https://") {
+        443
+    } else {
+        80
+    };
+    format!(
+        "{addr} (no port given, so port {port}, as with Consul's CLI; Consul's HTTP API listens on \
+         8500: use {authority}:8500)"
+    )
+}
+
 /// Everything `run` needs, validated.
 #[derive(Debug, Clone)]
 pub struct RunConfig {
     pub key: String,
+    /// 1: the mutex on `key`; more: a semaphore under the prefix `key` (`lock::semaphore`).
+    pub limit: u32,
     pub ttl: Duration,
     pub lock_delay: Duration,
     pub silence: Duration,
@@ -596,6 +693,50 @@ fn at_most(flag: &str, value: Duration, max: Duration, hint: &str) -> Result<(),
     Ok(())
 }
 
+/// Consul's default `session_ttl_min`: it refuses a session TTL below this.
+const CONSUL_SESSION_TTL_MIN: Duration = Duration::from_secs(10);
+
+/// Names a lowered `session_ttl_min` of the agent (a test agent, `dev-agent --session-ttl-min`), so
+/// that TTLs below Consul's default minimum are accepted. An empty value counts as unset.
+pub const TTL_MIN_ENV: &str = "CONSUL_LEADER_TTL_MIN";
+
+/// Refuses a TTL that Consul would refuse, before any session exists: the agent would only answer
+/// with a 500 after the wrapper had already started.
+fn check_ttl(ttl: Duration) -> Result<(), ConfigError> {
+    let min = match env_nonempty(TTL_MIN_ENV) {
+        None => CONSUL_SESSION_TTL_MIN,
+        Some(v) => crate::cli::parse_duration(&v)
+            .map_err(|e| bad(format!("{TTL_MIN_ENV}={v} is not a duration: {e}")))?,
+    };
+    let show = |d: Duration| humantime::format_duration(d).to_string();
+    if ttl < min || ttl.is_zero() {
+        let lowered = if min == CONSUL_SESSION_TTL_MIN {
+            format!(
+                " (for an agent whose session_ttl_min is lowered, set {TTL_MIN_ENV} to that value)"
+            )
+        } else {
+            format!(
+                " ({TTL_MIN_ENV} says the agent's session_ttl_min is {})",
+                show(min)
+            )
+        };
+        return Err(bad(format!(
+            "--ttl {} is below the agent's minimum session TTL of {}, so Consul would refuse the \
+             session; use --ttl {} or more{lowered}",
+            show(ttl),
+            show(min),
+            show(min)
+        )));
+    }
+    if ttl > MAX_TTL {
+        return Err(bad(format!(
+            "--ttl {} is above Consul's maximum session TTL of 24h; use --ttl 24h or less",
+            show(ttl)
+        )));
+    }
+    Ok(())
+}
+
 impl RunConfig {
     /// The timing the election rules need.
     pub fn timing(&self) -> Timing {
@@ -614,15 +755,14 @@ impl RunConfig {
         } else {
             validate_key(&args.key)?
         };
+        let limit = validate_limit(args.limit)?;
         if etcd {
             check_etcd_run(args)?;
         }
         let stop_signal = parse_signal(&args.stop_signal)?;
-        if args.ttl.is_zero() || args.ttl > MAX_TTL {
-            return Err(bad(format!(
-                "--ttl {} is out of range; Consul accepts 10s to 24h (its session_ttl_min may be lower)",
-                humantime::format_duration(args.ttl)
-            )));
+        // Consul's session TTL minimum; etcd's rules are in `check_etcd_run`.
+        if !etcd {
+            check_ttl(args.ttl)?;
         }
         if args.lock_delay > MAX_LOCK_DELAY {
             return Err(bad(format!(
@@ -693,7 +833,14 @@ impl RunConfig {
         };
         at_most("--priority-window", args.priority_window, MAX_TTL, "")?;
         let restart = parse_restart(args)?;
-        let forward_signals = parse_forward_signals(&args.forward_signals, stop_signal)?;
+        let forward_signals = match &args.forward_signals {
+            Some(list) => parse_forward_signals(list, stop_signal)?,
+            // The default gives way to a --stop-signal among them (httpd stops on WINCH).
+            None => [Signal::SIGUSR1, Signal::SIGUSR2, Signal::SIGWINCH]
+                .into_iter()
+                .filter(|s| *s != stop_signal)
+                .collect(),
+        };
         let stop_signals = [
             Signal::SIGTERM,
             Signal::SIGINT,
@@ -709,6 +856,7 @@ impl RunConfig {
             .unwrap_or_else(|| format!("consul-leader {key} on {host} pid {}", std::process::id()));
         Ok(Self {
             key,
+            limit,
             ttl: args.ttl,
             // etcd has no lock-delay.
             lock_delay: if etcd {
@@ -757,6 +905,18 @@ fn check_etcd_run(args: &RunArgs) -> Result<(), ConfigError> {
     {
         return Err(bad(format!(
             "{flag} is a Consul session setting; etcd has no such thing: leave it out with --etcd-endpoints"
+        )));
+    }
+    if args.limit > 1 {
+        return Err(bad(format!(
+            "--limit {} is a semaphore in the layout of consul lock -n, which runs on Consul only;              on etcd only the lock of etcdctl lock is available (--limit 1)",
+            args.limit
+        )));
+    }
+    if args.ttl > MAX_TTL {
+        return Err(bad(format!(
+            "--ttl {} is too long; the most it takes is 24h",
+            humantime::format_duration(args.ttl)
         )));
     }
     if !args.priority_window.is_zero() {
@@ -855,6 +1015,24 @@ pub fn validate_key(key: &str) -> Result<String, ConfigError> {
         )));
     }
     Ok(key.to_string())
+}
+
+/// `--limit`: 1 for the lock on the key itself, up to `semaphore::MAX_LIMIT` holders for a
+/// semaphore.
+pub fn validate_limit(limit: u32) -> Result<u32, ConfigError> {
+    use crate::lock::semaphore::MAX_LIMIT;
+    if limit == 0 {
+        return Err(bad(
+            "--limit 0 would let no holder run; use 1 (a lock) or more (a semaphore)",
+        ));
+    }
+    if limit > MAX_LIMIT {
+        return Err(bad(format!(
+            "--limit {limit} is above {MAX_LIMIT}: the semaphore's coordination key carries a \
+             record of each holder, and Consul refuses values above 512 KiB"
+        )));
+    }
+    Ok(limit)
 }
 
 /// An `--id`: printable, short, so that it reads well in the key's value and in `status`.
@@ -978,7 +1156,6 @@ pub fn parse_signal(s: &str) -> Result<Signal, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
 
     fn run_args(extra: &[&str]) -> Result<RunConfig, ConfigError> {
         let mut argv = vec!["consul-leader", "run", "--key", "jobs/a"];
@@ -1169,6 +1346,19 @@ mod tests {
     }
 
     #[test]
+    fn limit_is_one_for_the_lock_and_bounded_for_a_semaphore() {
+        assert_eq!(run_args(&[]).unwrap().limit, 1);
+        assert_eq!(run_args(&["--limit", "3"]).unwrap().limit, 3);
+        assert!(
+            run_args(&["--limit", "0"])
+                .unwrap_err()
+                .0
+                .contains("--limit 0")
+        );
+        assert!(run_args(&["--limit", "513"]).unwrap_err().0.contains("512"));
+    }
+
+    #[test]
     fn lock_delay_above_consul_cap_is_refused() {
         assert!(run_args(&["--lock-delay", "61s"]).is_err());
     }
@@ -1219,7 +1409,10 @@ mod tests {
         for bad in ["TERM", "INT", "KILL", "CHLD", "nope"] {
             assert!(run_args(&["--forward-signals", bad]).is_err(), "{bad}");
         }
-        let e = run_args(&["--stop-signal", "USR1"]).unwrap_err();
+        // The default list gives way to the stop signal; an explicit list that names it is refused.
+        let c = run_args(&["--stop-signal", "USR1"]).unwrap();
+        assert_eq!(c.forward_signals, [Signal::SIGUSR2, Signal::SIGWINCH]);
+        let e = run_args(&["--stop-signal", "USR1", "--forward-signals", "USR1,USR2"]).unwrap_err();
         assert!(e.0.contains("--forward-signals"), "{e}");
         assert!(run_args(&["--stop-signal", "USR1", "--forward-signals", "USR2"]).is_ok());
     }
@@ -1281,15 +1474,15 @@ mod tests {
         // Any well-formed certificate will do for parsing.
         std::fs::write(&ca, TEST_CERT_PEM).unwrap();
         let tls = |file: Option<&Path>| {
-            let args = ConsulArgs {
+            let args = Resolved {
+                http_addr: DEFAULT_HTTP_ADDR.into(),
                 ca_file: file.map(Path::to_path_buf),
                 ca_path: Some(dir.clone()),
-                // Whatever the environment running the test says.
                 client_cert: None,
                 client_key: None,
-                ..consul_args()
+                tls_server_name: None,
             };
-            TlsConfig::from_args(&args, false)
+            TlsConfig::from_resolved(&args, false)
         };
         let both = tls(Some(&ca));
         let only_dir = tls(None);
@@ -1299,13 +1492,23 @@ mod tests {
         assert!(e.0.contains("README") && e.0.contains("--ca-path"), "{e}");
     }
 
-    fn consul_args() -> ConsulArgs {
-        let cli =
-            crate::cli::Cli::try_parse_from(["consul-leader", "status", "--key", "k"]).unwrap();
-        match cli.command {
-            crate::cli::Command::Status(args) => args.consul,
-            _ => unreachable!(),
-        }
+    #[test]
+    fn a_host_without_a_port_is_named_with_the_port_it_gets() {
+        let named = |a: &str| describe_address(a, &parse_address(a, false).unwrap().0);
+        assert_eq!(named("127.0.0.1:8500"), "127.0.0.1:8500");
+        assert_eq!(named("http://[::1]:8500/"), "http://[::1]:8500/");
+        assert_eq!(named("unix:///run/consul.sock"), "unix:///run/consul.sock");
+        assert!(
+            named("localhost").contains("port 80"),
+            "{}",
+            named("localhost")
+        );
+        assert!(named("https://consul").contains("port 443"));
+        assert!(
+            named("[::1]").contains("use [::1]:8500"),
+            "{}",
+            named("[::1]")
+        );
     }
 
     /// A self-signed certificate, only ever parsed.

@@ -1,5 +1,5 @@
 //! A small client for the Consul HTTP API subset that leader election needs: sessions, KV reads
-//! (plain and blocking), acquire and release.
+//! (plain, recursive and blocking), acquire and release, check-and-set and delete.
 //!
 //! Each call has a timeout that fits its purpose (a blocking read waits longer than its `wait` plus
 //! Consul's jitter; a renew is short), so a hung connection can never hold up the leader's own
@@ -83,7 +83,9 @@ pub enum ConsulError {
         status: u16,
         body: String,
     },
-    #[error("cannot read Consul's answer to {op}: {detail}")]
+    #[error(
+        "the answer to {op} is not what a Consul agent sends ({detail}); is this a Consul agent? check CONSUL_HTTP_ADDR / --http-addr"
+    )]
     Decode { op: &'static str, detail: String },
 }
 
@@ -240,6 +242,11 @@ impl Client {
         if let Some(socket) = &cfg.unix_socket {
             builder = builder.unix_socket(socket.clone());
         }
+        if !cfg.base_url.starts_with("https://") {
+            // Plain HTTP (or a unix socket) never verifies a certificate: trust no roots, so that
+            // the system's CA store (a hundred files or more) is neither read nor kept in memory.
+            return Ok(builder.tls_certs_only(Vec::new()));
+        }
         if !cfg.tls.ca_pems.is_empty() {
             // Like Consul's client: a configured CA replaces the system's roots.
             let mut certs = Vec::new();
@@ -366,11 +373,35 @@ impl Client {
     }
 
     fn unexpected(op: &'static str, status: StatusCode, body: &[u8]) -> ConsulError {
+        let text = String::from_utf8_lossy(body);
+        // Consul's error bodies are one line of plain text; a web page means another server.
+        if text.trim_start().starts_with('<') {
+            return ConsulError::Decode {
+                op,
+                detail: format!("HTTP {} with a web page", status.as_u16()),
+            };
+        }
         ConsulError::Status {
             op,
             status: status.as_u16(),
-            body: String::from_utf8_lossy(body).trim().to_string(),
+            body: text.split_whitespace().collect::<Vec<_>>().join(" "),
         }
+    }
+
+    /// The `X-Consul-Index` of a read's answer.
+    fn index_of(
+        op: &'static str,
+        headers: &reqwest::header::HeaderMap,
+    ) -> Result<ConsulIndex, ConsulError> {
+        headers
+            .get("X-Consul-Index")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(ConsulIndex)
+            .ok_or_else(|| ConsulError::Decode {
+                op,
+                detail: "no X-Consul-Index header in the answer; is this a Consul agent?".into(),
+            })
     }
 
     pub async fn session_create(&self, req: &SessionRequest) -> Result<SessionId, ConsulError> {
@@ -489,15 +520,7 @@ impl Client {
         if status != StatusCode::OK && status != StatusCode::NOT_FOUND {
             return Err(Self::unexpected(OP, status, &body));
         }
-        let index = headers
-            .get("X-Consul-Index")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok())
-            .map(ConsulIndex)
-            .ok_or_else(|| ConsulError::Decode {
-                op: OP,
-                detail: "no X-Consul-Index header in the answer; is this a Consul agent?".into(),
-            })?;
+        let index = Self::index_of(OP, &headers)?;
         if status == StatusCode::NOT_FOUND {
             return Ok((None, index));
         }
@@ -554,6 +577,87 @@ impl Client {
     ) -> Result<bool, ConsulError> {
         self.kv_lock_op("lock release", "release", key, session, flags, value)
             .await
+    }
+
+    /// Reads every key under `prefix` (`?recurse`, a plain string prefix). Returns the entries in
+    /// key order (none when the prefix is empty: Consul answers 404) and the index to block on.
+    pub async fn kv_list(
+        &self,
+        prefix: &str,
+        opts: ReadOpts,
+    ) -> Result<(Vec<KvEntry>, ConsulIndex), ConsulError> {
+        const OP: &str = "KV list";
+        let mut query = vec![("recurse", String::new())];
+        if opts.consistent {
+            query.push(("consistent", String::new()));
+        }
+        let mut timeout = SHORT_TIMEOUT;
+        if opts.index.0 > 0 {
+            query.push(("index", opts.index.0.to_string()));
+            let wait = opts.wait.unwrap_or(Duration::from_secs(300));
+            query.push(("wait", format!("{}ms", wait.as_millis().max(1))));
+            timeout = wait + wait / 16 + SHORT_TIMEOUT;
+        }
+        let (status, headers, body) = self
+            .send(
+                OP,
+                || format!("key:read on {prefix}"),
+                self.http.get(self.url(&Self::kv_path(prefix), &query)),
+                timeout,
+            )
+            .await?;
+        if status != StatusCode::OK && status != StatusCode::NOT_FOUND {
+            return Err(Self::unexpected(OP, status, &body));
+        }
+        let index = Self::index_of(OP, &headers)?;
+        if status == StatusCode::NOT_FOUND {
+            return Ok((Vec::new(), index));
+        }
+        Ok((decode(OP, &body)?, index))
+    }
+
+    /// `PUT ?cas=<index>`: writes `value` (with `flags`) only if the key's ModifyIndex is still
+    /// `index` (0: only if the key does not exist). True when written.
+    pub async fn kv_cas(
+        &self,
+        key: &str,
+        index: u64,
+        flags: u64,
+        value: Vec<u8>,
+    ) -> Result<bool, ConsulError> {
+        const OP: &str = "KV check-and-set";
+        let query = [("cas", index.to_string()), ("flags", flags.to_string())];
+        let (status, _, body) = self
+            .send(
+                OP,
+                || format!("key:write on {key}"),
+                self.http
+                    .put(self.url(&Self::kv_path(key), &query))
+                    .body(value),
+                SHORT_TIMEOUT,
+            )
+            .await?;
+        if status != StatusCode::OK {
+            return Err(Self::unexpected(OP, status, &body));
+        }
+        Ok(String::from_utf8_lossy(&body).contains("true"))
+    }
+
+    /// `DELETE` of one key (a missing key is not an error).
+    pub async fn kv_delete(&self, key: &str) -> Result<(), ConsulError> {
+        const OP: &str = "KV delete";
+        let (status, _, body) = self
+            .send(
+                OP,
+                || format!("key:write on {key}"),
+                self.http.delete(self.url(&Self::kv_path(key), &[])),
+                SHORT_TIMEOUT,
+            )
+            .await?;
+        if status != StatusCode::OK {
+            return Err(Self::unexpected(OP, status, &body));
+        }
+        Ok(())
     }
 }
 

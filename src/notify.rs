@@ -11,6 +11,11 @@ use sd_notify::NotifyState;
 use tracing::debug;
 
 fn send(states: &[NotifyState]) {
+    // An empty NOTIFY_SOCKET counts as unset, like every variable we read (sd-notify would try
+    // to connect to "").
+    if std::env::var_os("NOTIFY_SOCKET").is_some_and(|v| v.is_empty()) {
+        return;
+    }
     if let Err(e) = sd_notify::notify(states) {
         debug!("cannot notify systemd: {e}");
     }

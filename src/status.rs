@@ -1,9 +1,15 @@
 //! `consul-leader status`: who holds a lock key, since when, with which fencing token, and whether
 //! the last holder released cleanly. Reads keys held by `consul lock` and Go's `api.Lock` too, and
-//! says what it can about them. On etcd (`--etcd-endpoints`), the lock's queue: its holder (the
-//! lowest create revision under `NAME/`), the waiters, and the marker's record of the last
-//! consul-leader holder; keys of `etcdctl lock` are listed too. Exit 0 when held, 1 when free,
-//! 125 on error.
+//! says what it can about them. Exit 0 when held, 1 when free, 3 when the key is not a lock (a
+//! `consul lock -n` semaphore, or plain data), 125 on error.
+//!
+//! For a semaphore's prefix (`run --limit N`, `consul lock -n N`: the key itself does not exist,
+//! `KEY/.lock` is the coordination key): the limit, each holder and the free slots; exit 0 while
+//! any slot is held, 1 when none is.
+//!
+//! On etcd (`--etcd-endpoints`), the lock's queue: its holder (the lowest create revision under
+//! `NAME/`), the waiters, and the marker's record of the last consul-leader holder; keys of
+//! `etcdctl lock` are listed too. Exit 0 when held, 1 when free.
 
 use std::process::ExitCode;
 
@@ -20,7 +26,7 @@ use crate::wire::{KvEntry, LOCK_FLAG_VALUE, SEMAPHORE_FLAG_VALUE};
 #[derive(Debug, Serialize, PartialEq)]
 struct Report {
     key: String,
-    /// `held`, `free`, `absent` (no such key) or `not-a-lock`.
+    /// `held`, `free`, `absent` (no such key), `semaphore` or `data` (not a lock).
     state: &'static str,
     held: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -56,7 +62,15 @@ struct Report {
     /// Who wrote the key: `consul-leader`, `consul lock / api.Lock`, or `other`.
     written_by: &'static str,
     flags: u64,
+    /// A semaphore's coordination key (`consul lock -n N`): its limit and the sessions holding it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    limit: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    holders: Option<Vec<String>>,
 }
+
+/// Exit code when the key is not a lock.
+const NOT_A_LOCK: u8 = 3;
 
 pub fn main(args: StatusArgs) -> ExitCode {
     let consul = match Engine::from_args(&args.consul, &args.etcd, &args.given) {
@@ -89,20 +103,42 @@ pub fn main(args: StatusArgs) -> ExitCode {
             return ExitCode::from(exit::INTERNAL);
         }
     };
-    match runtime.block_on(report(consul, &args.key)) {
-        Ok(r) => {
-            if args.json {
-                println!("{}", serde_json::to_string(&r).unwrap_or_default());
-            } else {
-                print!("{}", render(&r));
-            }
-            ExitCode::from(if r.held { 0 } else { 1 })
-        }
+    let r = match runtime.block_on(report(consul.clone(), &args.key)) {
+        Ok(r) => r,
         Err(e) => {
             eprintln!("consul-leader: {e:#}");
-            ExitCode::from(exit::INTERNAL)
+            return ExitCode::from(exit::INTERNAL);
+        }
+    };
+    // A key that does not exist may be a semaphore's prefix (`run --limit N`,
+    // `consul lock -n N`), which has a view of its own.
+    if r.state == "absent" {
+        match runtime.block_on(semaphore_report(consul, &args.key)) {
+            Ok(Some(s)) => {
+                if args.json {
+                    println!("{}", serde_json::to_string(&s).unwrap_or_default());
+                } else {
+                    print!("{}", render_semaphore(&s));
+                }
+                return ExitCode::from(if s.held { 0 } else { 1 });
+            }
+            Ok(None) => {}
+            Err(e) => {
+                eprintln!("consul-leader: {e:#}");
+                return ExitCode::from(exit::INTERNAL);
+            }
         }
     }
+    if args.json {
+        println!("{}", serde_json::to_string(&r).unwrap_or_default());
+    } else {
+        print!("{}", render(&r));
+    }
+    ExitCode::from(match r.state {
+        "held" => 0,
+        "semaphore" | "data" => NOT_A_LOCK,
+        _ => 1,
+    })
 }
 
 async fn report(consul: ConsulConfig, key: &str) -> anyhow::Result<Report> {
@@ -138,12 +174,39 @@ fn describe(key: &str, entry: Option<&KvEntry>) -> Report {
         priority: None,
         written_by: "other",
         flags: 0,
+        limit: None,
+        holders: None,
     };
     let Some(e) = entry else { return r };
     r.flags = e.flags;
     r.fencing_token = e.modify_index;
+    if e.flags == SEMAPHORE_FLAG_VALUE {
+        r.state = "semaphore";
+        r.written_by = "consul lock -n / api.Semaphore";
+        r.session = e.session.clone();
+        // The coordination key (`<prefix>/.lock`) lists the limit and the holders' sessions; a
+        // contender's own key (`<prefix>/<session>`) only carries its session.
+        #[derive(serde::Deserialize)]
+        struct Coordination {
+            #[serde(rename = "Limit")]
+            limit: u64,
+            #[serde(rename = "Holders", default)]
+            holders: std::collections::BTreeMap<String, bool>,
+        }
+        if let Ok(c) = serde_json::from_slice::<Coordination>(&e.value_bytes()) {
+            r.limit = Some(c.limit);
+            r.holders = Some(
+                c.holders
+                    .into_iter()
+                    .filter(|(_, v)| *v)
+                    .map(|(k, _)| k)
+                    .collect(),
+            );
+        }
+        return r;
+    }
     if e.flags != LOCK_FLAG_VALUE {
-        r.state = "not-a-lock";
+        r.state = "data";
         return r;
     }
     let value = HolderValue::parse(&e.value_bytes());
@@ -191,14 +254,46 @@ fn render(r: &Report) -> String {
             line("state", "free (the key does not exist)");
             return out;
         }
-        "not-a-lock" => {
-            let what = if r.flags == SEMAPHORE_FLAG_VALUE {
-                "a Consul semaphore, not a lock".to_string()
-            } else {
-                format!("data that is not a lock (flags {})", r.flags)
-            };
+        "semaphore" => {
             line("key", &r.key);
-            line("state", &format!("not a lock: the key holds {what}"));
+            line(
+                "state",
+                "not a lock: a Consul semaphore (consul lock -n, api.Semaphore)",
+            );
+            if let Some(limit) = r.limit {
+                line("limit", &limit.to_string());
+            }
+            match (&r.holders, &r.session) {
+                (Some(h), _) if h.is_empty() => line("holders", "none"),
+                (Some(h), _) => line("holders", &h.join(", ")),
+                (None, Some(s)) => line("contender", &format!("session {s}")),
+                (None, None) => {}
+            }
+            if r.limit.is_none() {
+                line(
+                    "hint",
+                    "the semaphore's limit and holders are in the key <prefix>/.lock",
+                );
+            }
+            if let Some(prefix) = r.key.strip_suffix("/.lock") {
+                line(
+                    "hint",
+                    &format!(
+                        "consul-leader status --key {prefix} shows each holder and the free slots"
+                    ),
+                );
+            }
+            return out;
+        }
+        "data" => {
+            line("key", &r.key);
+            line(
+                "state",
+                &format!(
+                    "not a lock: the key holds data (flags {}), not a lock of consul-leader, consul lock or api.Lock",
+                    r.flags
+                ),
+            );
             return out;
         }
         _ => {}
@@ -257,6 +352,10 @@ fn render(r: &Report) -> String {
     line("written by", r.written_by);
     out
 }
+
+// ---------------------------------------------------------------------------------------------
+// etcd
+// ---------------------------------------------------------------------------------------------
 
 /// One key of an etcd lock's queue, for `status`.
 #[derive(Debug, Serialize, PartialEq)]
@@ -494,6 +593,223 @@ fn render_etcd(r: &EtcdReport) -> String {
     out
 }
 
+// ---------------------------------------------------------------------------------------------
+// Semaphores
+// ---------------------------------------------------------------------------------------------
+
+/// What `status --json` prints for a semaphore prefix.
+#[derive(Debug, Serialize, PartialEq)]
+struct SemaphoreReport {
+    key: String,
+    /// Always `semaphore`.
+    kind: &'static str,
+    /// `full` (no free slot), `held` (some holders, free slots left) or `free` (no holder).
+    state: &'static str,
+    held: bool,
+    /// The limit `.lock` says (`None` for an empty `.lock`, which a contender fills in).
+    limit: Option<i64>,
+    holders: Vec<SlotHolder>,
+    free: u64,
+    /// Of the free slots, how many have an unknown past (a contender that takes one waits
+    /// max(silence, TTL) first).
+    free_unknown: u64,
+    /// Contenders with a key under the prefix that are not holders.
+    waiting: usize,
+    /// `.lock`'s ModifyIndex.
+    modify_index: u64,
+}
+
+/// One holder of a semaphore slot.
+#[derive(Debug, Serialize, PartialEq)]
+struct SlotHolder {
+    session: String,
+    /// False once its contender key is gone: its session ended, and the next contender takes its
+    /// slot after the wait it owes.
+    alive: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    holder: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    host: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    since: Option<String>,
+    /// The ModifyIndex of the check-and-set that admitted it, which its child got as
+    /// `CONSUL_LEADER_FENCING_TOKEN` (unknown for holders not admitted by consul-leader).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fencing_token: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    node: Option<String>,
+    /// `consul-leader`, or `consul lock -n / api.Semaphore`.
+    written_by: &'static str,
+}
+
+/// The view of `key` as a semaphore prefix, when `key/.lock` is a semaphore's coordination key;
+/// `None` otherwise.
+async fn semaphore_report(
+    consul: ConsulConfig,
+    key: &str,
+) -> anyhow::Result<Option<SemaphoreReport>> {
+    use crate::lock::semaphore;
+    let prefix = key;
+    let client = Client::new(consul)?;
+    let lock = semaphore::lock_key(prefix);
+    let entry = match client.kv_get(&lock, ReadOpts::default()).await {
+        Ok((entry, _)) => entry,
+        // A token that may read the key but not below it: the key is what it asks about.
+        Err(crate::consul::ConsulError::Denied { .. }) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    if entry
+        .as_ref()
+        .is_none_or(|e| e.flags != SEMAPHORE_FLAG_VALUE)
+    {
+        return Ok(None);
+    }
+    let (entries, index) = client
+        .kv_list(&format!("{prefix}/"), ReadOpts::default())
+        .await?;
+    let obs = semaphore::observe(prefix, &entries, index.0);
+    let mut r = describe_semaphore(prefix, &obs);
+    for h in r.holders.iter_mut().filter(|h| h.alive) {
+        if let Some(info) = client.session_info(&h.session).await? {
+            h.node = Some(info.node);
+        }
+    }
+    Ok(Some(r))
+}
+
+/// Everything a listing of the prefix tells.
+fn describe_semaphore(prefix: &str, obs: &crate::lock::semaphore::Observed) -> SemaphoreReport {
+    use crate::lock::semaphore::{LockKey, read_slots};
+    let mut r = SemaphoreReport {
+        key: prefix.to_string(),
+        kind: "semaphore",
+        state: "free",
+        held: false,
+        limit: None,
+        holders: Vec::new(),
+        free: 0,
+        free_unknown: 0,
+        waiting: 0,
+        modify_index: 0,
+    };
+    let slots = match &obs.lock {
+        LockKey::Semaphore {
+            modify_index,
+            value,
+        } => {
+            r.modify_index = *modify_index;
+            r.limit = Some(value.limit);
+            read_slots(obs, u64::try_from(value.limit).unwrap_or(0)).ok()
+        }
+        LockKey::Fresh { modify_index } => {
+            r.modify_index = *modify_index;
+            None
+        }
+        LockKey::Foreign { .. } | LockKey::Garbled { .. } => None,
+    };
+    let Some(slots) = slots else {
+        r.waiting = obs.alive.len();
+        return r;
+    };
+    let admitted = slots.value.ext.as_ref().and_then(|e| e.admitted.as_deref());
+    for session in slots.value.holders.keys() {
+        let record = slots.record(session);
+        let fencing_token = match record {
+            _ if admitted == Some(session.as_str()) => Some(slots.cas),
+            Some(rec) => rec.token,
+            None => None,
+        };
+        let who = record.map(|rec| &rec.holder);
+        r.holders.push(SlotHolder {
+            session: session.clone(),
+            alive: obs.alive.contains(session),
+            holder: who.map(|h| h.holder.clone()),
+            host: who.map(|h| h.host.clone()),
+            pid: who.map(|h| h.pid),
+            since: who.map(|h| h.acquired_at.clone()),
+            fencing_token,
+            node: None,
+            written_by: if record.is_some() {
+                "consul-leader"
+            } else {
+                "consul lock -n / api.Semaphore"
+            },
+        });
+    }
+    r.free = slots.free();
+    r.free_unknown = slots.unknown;
+    r.held = !r.holders.is_empty();
+    r.state = match (r.held, r.free) {
+        (false, _) => "free",
+        (true, 0) => "full",
+        (true, _) => "held",
+    };
+    r.waiting = obs
+        .alive
+        .iter()
+        .filter(|s| !slots.value.holders.contains_key(*s))
+        .count();
+    r
+}
+
+fn render_semaphore(r: &SemaphoreReport) -> String {
+    let mut out = String::new();
+    let mut line = |label: &str, value: &str| out.push_str(&format!("{label:<15} {value}\n"));
+    line("key", &r.key);
+    let Some(limit) = r.limit else {
+        line(
+            "kind",
+            "semaphore (its .lock is empty: the first contender sets the limit)",
+        );
+        line("state", "free");
+        return out;
+    };
+    line(
+        "kind",
+        &format!("semaphore, limit {limit} (the layout of consul lock -n)"),
+    );
+    let state = match r.state {
+        "full" => format!("full: {} of {limit} slots held", r.holders.len()),
+        "held" => format!("held: {} of {limit} slots held", r.holders.len()),
+        _ => "free: no holder".to_string(),
+    };
+    line("state", &state);
+    for h in &r.holders {
+        let mut desc = match &h.holder {
+            Some(who) => format!("{who} (session {})", h.session),
+            None => format!("session {} ({})", h.session, h.written_by),
+        };
+        if let Some(since) = &h.since {
+            desc.push_str(&format!(", since {since}"));
+        }
+        if let Some(t) = h.fencing_token {
+            desc.push_str(&format!(", fencing token {t}"));
+        }
+        if let Some(n) = &h.node {
+            desc.push_str(&format!(", node {n}"));
+        }
+        if !h.alive {
+            desc.push_str(
+                ", ended without releasing (its slot goes to the next contender after its wait)",
+            );
+        }
+        line("holder", &desc);
+    }
+    let unknown = if r.free_unknown > 0 {
+        format!(
+            " ({} of them of unknown past: the next holder waits max(silence, TTL) first)",
+            r.free_unknown
+        )
+    } else {
+        String::new()
+    };
+    line("free slots", &format!("{}{unknown}", r.free));
+    line("waiting", &r.waiting.to_string());
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -570,11 +886,97 @@ mod tests {
     #[test]
     fn other_keys_are_named_for_what_they_are() {
         let r = describe("k", Some(&entry(None, 0, 0, b"data")));
-        assert_eq!(r.state, "not-a-lock");
+        assert_eq!(r.state, "data");
         assert!(!r.held);
+        assert!(render(&r).contains("not a lock: the key holds data"));
         let r = describe("k", Some(&entry(None, 0, SEMAPHORE_FLAG_VALUE, b"")));
         assert!(render(&r).contains("semaphore"));
         assert_eq!(describe("k", None).state, "absent");
+    }
+
+    fn semaphore_listing(lock: &crate::lock::semaphore::LockValue, live: &[&str]) -> Vec<KvEntry> {
+        let mut entries = vec![entry(None, 0, SEMAPHORE_FLAG_VALUE, &lock.to_bytes())];
+        entries[0].key = "p/.lock".into();
+        entries[0].modify_index = 20;
+        for s in live {
+            let mut e = entry(Some(s), 1, SEMAPHORE_FLAG_VALUE, b"");
+            e.key = format!("p/{s}");
+            entries.push(e);
+        }
+        entries
+    }
+
+    #[test]
+    fn a_semaphore_shows_its_limit_holders_and_free_slots() {
+        use crate::lock::semaphore::{self, Choice, SlotRecord};
+        let obs = semaphore::observe("p", &[], 3);
+        let slots = semaphore::read_slots(&obs, 3).unwrap();
+        let rec = |s: &str| SlotRecord {
+            holder: HolderValue::new(
+                "web1",
+                "web1",
+                &SessionId(s.into()),
+                &TIMING,
+                Duration::ZERO,
+            ),
+            token: None,
+        };
+        let v =
+            semaphore::admitted_value(&slots, &SessionId("s1".into()), &Choice::Unknown, rec("s1"));
+        // A Go contender joins too (it keeps no record of itself).
+        let mut v2 = v.clone();
+        v2.holders.insert("g1".into(), true);
+        let r = describe_semaphore(
+            "p",
+            &semaphore::observe("p", &semaphore_listing(&v2, &["s1", "g1", "w1"]), 21),
+        );
+        assert_eq!(
+            (r.kind, r.state, r.held, r.limit),
+            ("semaphore", "held", true, Some(3))
+        );
+        assert_eq!((r.free, r.waiting), (1, 1));
+        let s1 = r.holders.iter().find(|h| h.session == "s1").unwrap();
+        assert_eq!(s1.host.as_deref(), Some("web1"));
+        // .lock is still the version that admitted s1: its ModifyIndex is s1's token.
+        assert_eq!(s1.fencing_token, Some(20));
+        assert_eq!(s1.written_by, "consul-leader");
+        let g1 = r.holders.iter().find(|h| h.session == "g1").unwrap();
+        assert_eq!(
+            (g1.fencing_token, g1.written_by),
+            (None, "consul lock -n / api.Semaphore")
+        );
+        let t = render_semaphore(&r);
+        assert!(
+            t.contains("limit 3") && t.contains("fencing token 20"),
+            "{t}"
+        );
+        // A holder whose key is gone is shown as ended.
+        let r = describe_semaphore(
+            "p",
+            &semaphore::observe("p", &semaphore_listing(&v2, &["g1"]), 22),
+        );
+        assert!(!r.holders.iter().find(|h| h.session == "s1").unwrap().alive);
+        assert!(render_semaphore(&r).contains("ended without releasing"));
+    }
+
+    #[test]
+    fn a_semaphores_limit_and_holders_are_shown() {
+        let value = br#"{"Limit":3,"Holders":{"s1":true,"s2":true}}"#;
+        let r = describe(
+            "p/.lock",
+            Some(&entry(None, 0, SEMAPHORE_FLAG_VALUE, value)),
+        );
+        assert_eq!(r.state, "semaphore");
+        assert_eq!(r.limit, Some(3));
+        assert_eq!(
+            r.holders.as_deref(),
+            Some(&["s1".to_string(), "s2".to_string()][..])
+        );
+        let text = render(&r);
+        assert!(
+            text.contains("limit           3") && text.contains("s1, s2"),
+            "{text}"
+        );
     }
 
     fn etcd_entry(key: &str, rev: i64, value: &[u8]) -> crate::etcd::Entry {

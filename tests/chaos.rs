@@ -8,12 +8,29 @@
 //! * `PUT /v1/session/destroy` of the leader's session;
 //! * a black-hole of random length on the leader's proxy, then healed: short ones must be
 //!   tolerated, long ones force a self-fence and a handover, the ones between may do either;
-//! * the leader's child crashing (SIGKILL from the test).
+//! * the leader's child crashing (SIGKILL from the test);
+//! * a partition plus early invalidation (issue 8, 1): the leader is black-holed, then its session
+//!   destroyed or the check bound to it (`--check`, one TTL check per wrapper) failed, as Consul
+//!   does when a partitioned node's `serfHealth` goes critical; healed after its fence;
+//! * a stop signal during the silence (issue 8, 2): a partition plus destroy, then SIGTERM to the
+//!   winner while it waits out its silence;
+//! * a deleted key (issue 8, 3): `DELETE` under a healthy leader, or under one black-holed first;
+//! * an agent restart with state loss (issue 8, 4): the agent restarts on the same port with empty
+//!   state (the proxies keep pointing at it); while it comes back, and the test registers the
+//!   wrappers' checks again, every proxy answers `500 No cluster leader`, as a Consul agent does
+//!   until it has a leader;
+//! * 500 answers (issue 8, 5): `500 No cluster leader` on every follower's proxy for 0.5-2.5s,
+//!   their blocking reads cut (on the leader's proxy for at most 600ms): nobody may give up;
+//! * a slow agent (issue 8, 6): each chunk through the leader's proxy held 100-350ms for 2-6s, so
+//!   a request takes at most 1.4s, within T/2: no loss.
 //!
 //! Children are configured at random per wrapper: some ignore SIGTERM (so stops need SIGKILL after
 //! the grace), some start grandchildren (one in the group that ignores TERM, one that calls
 //! `setsid`), and at most one wrapper at a time runs a child that exits with a code as soon as it
-//! is set up. Wrappers run with `--on-lost recontend`; a wrapper that ends (SIGKILL, SIGTERM, its
+//! is set up; half of those crash-loop: their wrapper restarts them (`--restart on-failure`) until
+//! its `--restart-limit` of 3 starts, then steps down with a clean release. Every wrapper has an
+//! `--id` of its own, and about a third leave a key freed by a fault to its previous holder for a
+//! `--priority-window` of 2s (longer than the lock-delay, within the silence). Wrappers run with `--on-lost recontend`; a wrapper that ends (SIGKILL, SIGTERM, its
 //! child ended) is replaced, so there are always N contenders.
 //!
 //! After every change of leader the checker asserts, from the fixture's journal, a [`DeathWatch`]
@@ -21,9 +38,15 @@
 //!
 //! * no two children's lifetimes overlap, and no process of an earlier leader is alive once the
 //!   next leader's child runs (no orphan);
-//! * the child's fencing token and session are the key's, and fencing tokens grow;
+//! * the child's session is the key's, its fencing token is the key's ModifyIndex (nothing writes
+//!   the key while it is held, so that is the acquire's), and fencing tokens grow, across deleted
+//!   and recreated keys too; only the first leader after an agent restart is exempt, since an
+//!   agent that lost its state starts its indexes over;
 //! * the change happened within the bounds that follow from `election`'s timing argument (below);
 //! * a wrapper that exited cleanly left no session behind.
+//!
+//! After every round every wrapper of the race must still be running: none may exit on a fault
+//! it should ride out (a 500, a restart).
 //!
 //! At the end every wrapper is stopped with SIGTERM: each must exit by it, no process of the test
 //! may be left (`Fixture::wait_none_left`), no session may be left once the ones of SIGKILLed
@@ -31,10 +54,11 @@
 //!
 //! # Running
 //!
-//! * The short run, part of the normal suite (about a minute): `cargo test --test chaos`.
+//! * The short run, part of the normal suite (one of each of the 14 fault kinds, a minute or
+//!   two): `cargo test --test chaos`.
 //! * The long run, with a summary of faults, handovers and handover times:
 //!   `CONSUL_LEADER_CHAOS_ROUNDS=200 cargo test --release --test chaos -- --ignored --nocapture chaos_long`
-//!   (rounds default to 200, about 15 minutes).
+//!   (rounds default to 200, about 15 minutes: a round takes about 4s).
 //! * Every run prints `chaos seed: N (replay with CONSUL_LEADER_CHAOS_SEED=N)` at the start and in
 //!   every failure. The seed fixes N, the children's configurations, the faults and their
 //!   lengths; which contender wins a race is up to the processes, so a replay follows the same
@@ -43,38 +67,64 @@
 //!
 //! # Timings and bounds
 //!
-//! TTL `T` = 3s, lock-delay `d` = 1s, silence `s` = 3s, grace `g` = 500ms. The grace is below the
-//! issue's 1s on purpose: a leader that cannot renew fences at (last renew + T - g - margin), with
-//! margin T/20 = 150ms, so at 2.35s; with g = 1s it would fence at 1.85s, and a black-hole of only
-//! 0.3s placed over a renew could already cost the leadership, leaving no room for "short
-//! black-holes are tolerated". The silence is longer than the lock-delay so that a clean handover
-//! (which must skip the silence) and an unclean one (which must wait it) are seconds apart:
+//! TTL `T` = 3s, lock-delay `d` = 1s, silence `s` = 3s, grace `g` = 500ms: `max(d, s) >= T`, as the
+//! wrapper demands, so a successor's wait covers a partitioned leader's fence even when Consul
+//! invalidates that leader's session right after its last renew. Every wrapper has the same
+//! timing, so what a successor owes after an unclean end, max(its s, the holder's T (the holder's
+//! d < T), the holder's `owed_ms`), is always 3s = s = T, counted from its own first sighting of
+//! the free or missing key. The grace is below the issue's 1s on purpose: a leader that cannot
+//! renew fences at (last renew + T - g - margin), with margin T/20 = 150ms, so at 2.35s; with
+//! g = 1s it would fence at 1.85s, and a black-hole of only 0.3s placed over a renew could already
+//! cost the leadership, leaving no room for "short black-holes are tolerated". The silence is
+//! longer than the lock-delay so that a clean handover (which must skip the silence) and an
+//! unclean one (which must wait it) are seconds apart:
 //!
 //! * **clean** (SIGTERM, child crash, child exit): old child's end to new child's start at most
 //!   g + 2s (the wrapper may need the grace for grandchildren that ignore TERM; then a release,
 //!   one wake-up, an acquire and a spawn: milliseconds). A wrapper that waited out the 3s silence
 //!   after a clean release, or retried blindly for 5s, fails.
-//! * **unclean** (SIGKILL, destroy, black-hole), counted from the moment the test's watcher saw
-//!   the key freed: the winner acquires within 3.25s (lock-delay 1s, then its retries back off to
-//!   at most 1.25s; a blind 5s retry or a missed wake-up fails); the new child starts no earlier
-//!   than s - 0.5s (silence counts from a contender's own first sighting of the free key, never
-//!   before the free; 0.5s covers the watcher's lag) and no later than s + 1.5s after the acquire.
-//!   When the winner was blocked on the key as it was freed, it saw the free at once, so its child
-//!   must also start by s + 1.5s after the free: lock-delay and silence overlap, not add up. (A
-//!   black-holed leader that heals after the free may win and wait out its own silence from then.)
-//!   The whole change ends by (old session's latest end) + d + s + 3s.
-//!   The key must be freed in time: after SIGKILL by fault + 2T + 1.5s (the agent expires a
-//!   session 2T after its last renew, which was before the fault); after a destroy within 1s of
-//!   its answer; after a black-hole by max(fault + 2T, heal) + 1.5s (healing delivers renews that
-//!   were held in the proxy, and the wrapper's destroy, late).
-//! * **fencing**: after SIGKILL or a black-hole the old child is gone before the key is freed,
-//!   and after a black-hole by fault + T (it must be gone by last renew + T - margin, and the
-//!   last good renew was sent before the fault); 250ms cover the `DeathWatch`'s polling.
-//! * **loss detection**: after a destroy the old child gets its stop signal within 1.5s
-//!   (milliseconds are expected; a renew answering 404 would notice within T/3 anyway).
-//! * **black-hole lengths**: up to 600ms must be tolerated (a renew placed badly in the
-//!   black-hole times out after T/6 and its retry still lands 0.6s before the fence); from 2.7s
-//!   on the fence has passed before the heal, so the leadership must be lost; between, either.
+//! * **unclean** (SIGKILL, destroy, black-hole, partition plus invalidation), counted from the
+//!   moment the test's watcher saw the key freed: the winner acquires within 3.25s (lock-delay 1s,
+//!   then its retries back off to at most 1.25s; a blind 5s retry or a missed wake-up fails); the
+//!   new child starts no earlier than s - 0.5s (silence counts from a contender's own first
+//!   sighting of the free key, never before the free; 0.5s covers the watcher's lag) and no later
+//!   than s + 1.5s after the acquire. When the winner was blocked on the key as it was freed, it
+//!   saw the free at once, so its child must also start by s + 1.5s after the free: lock-delay and
+//!   silence overlap, not add up. (A black-holed leader that heals after the free may win and wait
+//!   out its own silence from then. The old leader itself, back in the race after stopping its own
+//!   child, owes no wait for it and may start as soon as it holds the key.) The whole change ends by (old session's latest end) + d + s +
+//!   3s. The key must be freed in time: after SIGKILL by fault + 2T + 1.5s (the agent expires a
+//!   session 2T after its last renew, which was before the fault); after a destroy or a failed
+//!   bound check within 1s of its answer; after a black-hole by max(fault + 2T, heal) + 1.5s
+//!   (healing delivers renews that were held in the proxy, and the wrapper's destroy, late).
+//! * **stop signal during the silence**: the winner knew nothing of the partitioned leader's
+//!   child, so it releases without the clean mark (if the watcher saw that free state, it must
+//!   not be marked clean), and the next child starts no earlier than s - 0.5s after the key was
+//!   first freed (a clean mark would let it start about d after the free; in practice it starts
+//!   s after the SIGTERM, having seen the winner hold the key) and no later than d + s + 3s after
+//!   the SIGTERM.
+//! * **missing key** (deleted, or an agent that lost its state): Consul puts no lock-delay on a
+//!   missing key, so every contender owes max(s, T) = 3s from its first sighting of it, which is
+//!   after the `DELETE` was sent or the restart began: the new child starts no earlier than that
+//!   (50ms cover the wrapper's monotonic clock against the journal's), and no later than 3s +
+//!   1.5s after the `DELETE` was answered (contenders blocked on the key see it at once), or
+//!   3s + 3s after the agent was back (every session is gone: each contender creates one anew).
+//! * **fencing**: after SIGKILL or a black-hole the old child is gone before the key is freed;
+//!   after a black-hole, a partition plus invalidation or a partition plus deletion by fault + T
+//!   (it must be gone by last renew + T - margin, and the last good renew was sent before the
+//!   fault); 250ms cover the `DeathWatch`'s polling. When the session is ended from outside (a
+//!   destroy, a failed check), the key is freed before the old child is gone: the successor's
+//!   wait, at least T, covers it, and the overlap check proves it.
+//! * **loss detection**: after a destroy, or a deletion under a healthy leader, the old child
+//!   gets its stop signal within 1.5s (milliseconds are expected: the key watch sees it); after an
+//!   agent restart within 2.5s of the agent being back (the key watch resets its index when it
+//!   goes backwards and retries after the error with a backoff).
+//! * **black-hole lengths**: up to 600ms must be tolerated (a renew sent into the black-hole is
+//!   answered late when it heals, or retried on a fresh connection, long before the fence at last
+//!   renew + 2.35s); from 2.7s on the fence has passed before the heal, so the leadership must be
+//!   lost; between, either. 500 answers to the leader for up to 600ms are tolerated alike, and so
+//!   is a slow agent answering within T/2 = 1.5s: a renew is useful as long as it comes back
+//!   before the fence, whenever it was sent.
 
 mod common;
 
@@ -86,8 +136,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use common::leader::{
-    DEADLINE, DeathWatch, Event, Fixture, Timing, WrapperBuilder, lifetimes, lock_state,
-    modify_index, now_us, overlaps, parent, pid_alive, sessions_for,
+    DEADLINE, DeathWatch, Event, Fixture, Timing, WrapperBuilder, lifetimes, lock_state, now_us,
+    overlaps, parent, pid_alive, sessions_for,
 };
 use common::proxy::{FaultProxy, Mode};
 use common::{DevAgent, Http, Proc, skip};
@@ -99,8 +149,14 @@ use rand::{Rng, SeedableRng};
 
 const SEED_ENV: &str = "CONSUL_LEADER_CHAOS_SEED";
 const ROUNDS_ENV: &str = "CONSUL_LEADER_CHAOS_ROUNDS";
-/// Rounds of the short run: two of each fault kind, about a minute.
-const SHORT_ROUNDS: usize = 12;
+/// Rounds of the short run: one deck, so each fault kind once; a minute or two.
+const SHORT_ROUNDS: usize = 14;
+/// A crash-looping child is started this many times (`--restart-limit N/1m`) before its wrapper
+/// steps down.
+const RESTART_LIMIT: usize = 3;
+/// The `--priority-window` of the wrappers that defer to a previous holder: longer than the
+/// lock-delay (so that it matters), within the silence (so that a real failover is no slower).
+const PRIORITY_WINDOW: Duration = Duration::from_secs(2);
 const LONG_ROUNDS_DEFAULT: usize = 200;
 
 const TTL: Duration = Duration::from_secs(3);
@@ -123,6 +179,17 @@ fn timing() -> Timing {
 const SHORT_BLACKHOLE: (u64, u64) = (200, 600);
 const GREY_BLACKHOLE: (u64, u64) = (600, 2_700);
 const LONG_BLACKHOLE: (u64, u64) = (2_700, 8_000);
+/// A partition that comes with an early invalidation (or a deletion) lasts past the old leader's
+/// fence, so that the successor takes over while the old leader is still cut off.
+const PARTITION: (u64, u64) = (2_700, 5_000);
+/// 500 answers on the followers' proxies (on the leader's, at most the tolerated
+/// `SHORT_BLACKHOLE.1`).
+const NO_LEADER_500: (u64, u64) = (500, 2_500);
+/// A slow agent: each chunk held this long (ms), so a request takes 2 to 4 times it, within T/2.
+const SLOW_DELAY: (u64, u64) = (100, 350);
+const SLOW_FOR: (u64, u64) = (2_000, 6_000);
+/// What a restarting agent answers until it has a cluster leader.
+const NO_LEADER: &str = "rpc error making call: No cluster leader";
 
 /// Bounds, as explained in the module docs.
 const CLEAN_MAX: Duration = Duration::from_millis(2_500);
@@ -138,6 +205,15 @@ const DESTROY_FREE_MAX: Duration = Duration::from_secs(1);
 const DETECTION_MAX: Duration = Duration::from_millis(1_500);
 const TERM_STOP_MAX: Duration = Duration::from_millis(1_500);
 const MEASURE_SLACK: Duration = Duration::from_millis(250);
+/// What a contender owes after finding the key missing: max(s, T), from its first sighting.
+const MISSING_OWES: Duration = Duration::from_secs(3);
+/// The wrapper's monotonic clock against the journal's realtime one.
+const CLOCK_SLACK: Duration = Duration::from_millis(50);
+/// Agent back to the old leader's stop signal: its key watch resets and retries after an error.
+const RESTART_NOTICE: Duration = Duration::from_millis(2_500);
+/// Agent back to the new child, beyond `MISSING_OWES`: every session is gone, so each contender
+/// creates a new one before it can acquire.
+const RESTART_LATE: Duration = Duration::from_secs(3);
 
 /// How long a just-started child's wrapper gets to log its pid, and an old child's death to be
 /// recorded by the [`DeathWatch`].
@@ -241,6 +317,23 @@ enum Kind {
     BlackholeGrey,
     BlackholeLong,
     Crash,
+    /// The leader is black-holed, then its session destroyed: Consul frees the key at once, while
+    /// the leader, cut off, keeps its child until its fence.
+    PartitionDestroy,
+    /// The same, by failing the check bound to the leader's session (`--check`).
+    PartitionCheck,
+    /// A partition plus destroy, then SIGTERM to the winner while it waits out its silence.
+    SilenceTerm,
+    /// `DELETE` of the key under a healthy leader.
+    DeleteHealthy,
+    /// The leader is black-holed, then the key deleted.
+    DeletePartitioned,
+    /// The agent restarts on the same port with empty state.
+    AgentRestart,
+    /// `500 No cluster leader` on the followers' proxies for a while (on the leader's, briefly).
+    NoLeader500,
+    /// A slow agent on the leader's proxy, within T/2 a request.
+    SlowAgent,
     /// Not drawn: a child that exits by itself (`CL_CHILD_EXIT_CODE`) as soon as it leads.
     ChildExit,
 }
@@ -255,6 +348,14 @@ impl Kind {
             Kind::BlackholeGrey => "blackhole-grey",
             Kind::BlackholeLong => "blackhole-long",
             Kind::Crash => "child-crash",
+            Kind::PartitionDestroy => "partition-destroy",
+            Kind::PartitionCheck => "partition-check",
+            Kind::SilenceTerm => "sigterm-in-silence",
+            Kind::DeleteHealthy => "delete-healthy",
+            Kind::DeletePartitioned => "delete-partitioned",
+            Kind::AgentRestart => "agent-restart",
+            Kind::NoLeader500 => "no-leader-500",
+            Kind::SlowAgent => "slow-agent",
             Kind::ChildExit => "child-exit",
         }
     }
@@ -262,6 +363,14 @@ impl Kind {
     /// The old leader confirmed its child group gone and released the key marked clean.
     fn clean(self) -> bool {
         matches!(self, Kind::Term | Kind::Crash | Kind::ChildExit)
+    }
+
+    /// The key went missing: deleted, or lost with the agent's state.
+    fn missing_key(self) -> bool {
+        matches!(
+            self,
+            Kind::DeleteHealthy | Kind::DeletePartitioned | Kind::AgentRestart
+        )
     }
 }
 
@@ -271,8 +380,14 @@ struct Transition {
     kind: Kind,
     /// When the fault was applied (after the call that applied it returned).
     fault_us: u64,
-    /// Destroy: when the agent answered. Black-hole: when it was healed. Otherwise `fault_us`.
+    /// Destroy: when the agent answered. Black-hole: when it was healed. Partition plus
+    /// invalidation: when the invalidation was answered. Deletion: when the `DELETE` was answered.
+    /// Restart: when the agent was back. Otherwise `fault_us`.
     done_us: u64,
+    /// The earliest moment a contender can have seen the key free for the last time before the
+    /// new child: the SIGTERM to the winner waiting out its silence, the `DELETE` being sent, the
+    /// restart beginning. Otherwise `fault_us`.
+    after_us: u64,
 }
 
 /// How a wrapper's child behaves.
@@ -284,6 +399,12 @@ struct ChildConf {
     grandchildren: &'static str,
     /// `CL_CHILD_EXIT_CODE`: exits with this code as soon as it is set up.
     exit_code: Option<u8>,
+    /// With `exit_code`: the wrapper restarts it (`--restart on-failure`) until
+    /// `--restart-limit` [`RESTART_LIMIT`] starts, then steps down: a crash-looping child.
+    crash_loops: bool,
+    /// `--priority-window`: this wrapper leaves a key freed by a fault to its previous holder
+    /// for [`PRIORITY_WINDOW`].
+    defers: bool,
 }
 
 impl ChildConf {
@@ -302,6 +423,12 @@ impl ChildConf {
         if let Some(c) = self.exit_code {
             parts.push(format!("exits with {c} at once"));
         }
+        if self.crash_loops {
+            parts.push(format!("restarted until {RESTART_LIMIT} starts"));
+        }
+        if self.defers {
+            parts.push(format!("--priority-window {PRIORITY_WINDOW:?}"));
+        }
         parts.join(", ")
     }
 }
@@ -314,6 +441,8 @@ struct Contender {
     conf: ChildConf,
     /// A black-hole may leave sessions behind that the agent expires (a create delivered late).
     blackholed: bool,
+    /// The TTL check bound to this wrapper's sessions (`--check`), for `partition-check`.
+    check: String,
 }
 
 struct Retired {
@@ -360,6 +489,8 @@ struct Stats {
     /// Processes that left the group of a SIGKILLed wrapper's child, killed by the test.
     escaped_killed: usize,
     wrappers: usize,
+    /// Unclean handovers the old leader won back itself (its priority, or the race).
+    returned: usize,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -394,8 +525,11 @@ impl KeyWatcher {
                 } else {
                     format!("{path}?index={index}&wait=20s")
                 };
+                // After an error, start over: the agent may have restarted without its state,
+                // and a blocking query on an index it never reached would wait its whole wait.
                 let Ok(r) = http.request("GET", &url).try_send().await else {
                     tokio::time::sleep(Duration::from_millis(20)).await;
+                    index = 0;
                     continue;
                 };
                 let at_us = now_us();
@@ -426,6 +560,7 @@ impl KeyWatcher {
                     },
                     _ => {
                         tokio::time::sleep(Duration::from_millis(20)).await;
+                        index = 0;
                         continue;
                     }
                 };
@@ -495,6 +630,12 @@ fn log_lines(text: &str) -> impl Iterator<Item = (u64, &str)> {
     })
 }
 
+/// A log line's message: what follows the level in the rest of the line `log_lines` gives.
+fn message(rest: &str) -> &str {
+    let rest = rest.trim_start();
+    rest.split_once(' ').map_or("", |(_, m)| m).trim_start()
+}
+
 fn started_pid_line(child: u32) -> String {
     format!("started the command, pid {child}")
 }
@@ -561,6 +702,10 @@ struct Chaos {
     notes: Vec<String>,
     stats: Stats,
     leader: Option<Leader>,
+    /// The agent restarted since the last leader was established: indexes started over.
+    tokens_restarted: bool,
+    /// Before the first wrapper started.
+    began_us: u64,
     started: Instant,
 }
 
@@ -601,6 +746,8 @@ impl Chaos {
             notes: Vec::new(),
             stats: Stats::default(),
             leader: None,
+            tokens_restarted: false,
+            began_us: now_us(),
             started: Instant::now(),
         };
         chaos.note(format!("{n} contenders on {}", chaos.key));
@@ -671,10 +818,14 @@ impl Chaos {
         let flapper = !flapper_running && self.rng.random_bool(0.2);
         // Exit codes below the wrapper's own (75, 76, 125-127), so the pass-through is plain.
         let exit_code = flapper.then(|| self.rng.random_range(1..=70));
+        let crash_loops = flapper && self.rng.random_bool(0.5);
+        let defers = self.rng.random_bool(0.3);
         ChildConf {
             exits_on_term,
             grandchildren,
             exit_code,
+            crash_loops,
+            defers,
         }
     }
 
@@ -683,8 +834,13 @@ impl Chaos {
         let id = self.next_id;
         self.next_id += 1;
         let proxy = FaultProxy::start(self.agent.addr().parse().expect("agent address"));
+        let check = self.agent.name(&format!("chaos-{id}"));
+        self.register_check(&check);
         let mut b = WrapperBuilder::new(&self.agent, &self.fx, &self.key, &timing())
             .flag("--on-lost", "recontend")
+            .flag("--check", &check)
+            // Every wrapper its own identity: they all run on this one host.
+            .flag("--id", &format!("chaos-{id}"))
             .env("CONSUL_HTTP_ADDR", &proxy.addr().to_string())
             .env("CONSUL_LEADER_LOG", "consul_leader=debug");
         if !conf.exits_on_term {
@@ -695,6 +851,18 @@ impl Chaos {
         }
         if let Some(code) = conf.exit_code {
             b = b.env("CL_CHILD_EXIT_CODE", &code.to_string());
+        }
+        if conf.crash_loops {
+            b = b
+                .flag("--restart", "on-failure")
+                .flag("--restart-delay", "100ms")
+                .flag("--restart-limit", &format!("{RESTART_LIMIT}/1m"));
+        }
+        if conf.defers {
+            b = b.flag(
+                "--priority-window",
+                &format!("{}ms", PRIORITY_WINDOW.as_millis()),
+            );
         }
         let proc = b.spawn();
         self.stats.wrappers += 1;
@@ -709,6 +877,17 @@ impl Chaos {
             id,
             conf,
             blackholed: false,
+            check,
+        });
+    }
+
+    /// Registers a passing TTL check (its TTL outlasts any run: only the test fails it).
+    fn register_check(&self, check: &str) {
+        self.rt.block_on(async {
+            self.agent
+                .register_check(serde_json::json!({"Name": check, "TTL": "24h"}))
+                .await;
+            self.agent.check_update("pass", check).await;
         });
     }
 
@@ -850,6 +1029,14 @@ impl Chaos {
                 Kind::Crash,
                 Kind::BlackholeShort,
                 long,
+                Kind::PartitionDestroy,
+                Kind::PartitionCheck,
+                Kind::SilenceTerm,
+                Kind::DeleteHealthy,
+                Kind::DeletePartitioned,
+                Kind::AgentRestart,
+                Kind::NoLeader500,
+                Kind::SlowAgent,
             ];
             self.deck.shuffle(&mut self.rng);
         }
@@ -858,6 +1045,19 @@ impl Chaos {
 
     fn run(&mut self, rounds: usize) {
         let mut leader = self.follow(None, None);
+        // The key never existed: the first run owes max(s, T) too (a missing key may have been
+        // deleted while an old child still runs).
+        let first = self.main_starts()[0].time_us;
+        self.check(
+            first + us(CLOCK_SLACK) >= self.began_us + us(MISSING_OWES),
+            || {
+                format!(
+                    "the first child started {} after its wrapper; a brand-new key owes \
+                     max(silence, TTL) = {MISSING_OWES:?}",
+                    fmt_delta(first, self.began_us)
+                )
+            },
+        );
         for round in 1..=rounds {
             self.round = round;
             let kind = self.draw();
@@ -873,9 +1073,18 @@ impl Chaos {
                 Kind::BlackholeShort => self.blackhole(&leader, kind, SHORT_BLACKHOLE),
                 Kind::BlackholeGrey => self.blackhole(&leader, kind, GREY_BLACKHOLE),
                 Kind::BlackholeLong => self.blackhole(&leader, kind, LONG_BLACKHOLE),
+                Kind::PartitionDestroy | Kind::PartitionCheck => {
+                    self.partition_invalidate(&leader, kind)
+                }
+                Kind::SilenceTerm => self.sigterm_in_silence(&leader),
+                Kind::DeleteHealthy | Kind::DeletePartitioned => self.delete_key(&leader, kind),
+                Kind::AgentRestart => self.restart_agent(&leader),
+                Kind::NoLeader500 => self.no_leader_500(&leader),
+                Kind::SlowAgent => self.slow_agent(&leader),
                 Kind::ChildExit => unreachable!("not drawn"),
             };
             self.check_overlaps();
+            self.check_all_running();
             self.check_strays(&leader);
         }
         self.leader = Some(leader);
@@ -908,6 +1117,7 @@ impl Chaos {
                 kind: Kind::Kill,
                 fault_us,
                 done_us: fault_us,
+                after_us: fault_us,
             }),
         )
     }
@@ -934,6 +1144,7 @@ impl Chaos {
                 kind: Kind::Term,
                 fault_us,
                 done_us: fault_us,
+                after_us: fault_us,
             }),
         )
     }
@@ -952,6 +1163,7 @@ impl Chaos {
                 kind: Kind::Destroy,
                 fault_us: sent_us,
                 done_us,
+                after_us: sent_us,
             }),
         );
         let i = self.index_of(l.owner);
@@ -990,6 +1202,7 @@ impl Chaos {
                 kind: Kind::Crash,
                 fault_us,
                 done_us: fault_us,
+                after_us: fault_us,
             }),
         )
     }
@@ -1009,31 +1222,7 @@ impl Chaos {
         self.contenders[i].proxy.set_mode(Mode::Pass);
         let heal_us = now_us();
 
-        // Lost, or going on: a loss decided at any time before the second renew after the heal
-        // is logged before that renew (one thread logs both, in order).
-        let renewed = format!("renewed session {}", l.session);
-        let lost = {
-            let c = &self.contenders[i];
-            self.wait_for(
-                "the black-holed leader to lose or to renew twice after the heal",
-                DEADLINE,
-                || {
-                    let text = c.proc.stderr_text();
-                    let lines: Vec<(u64, &str)> = log_lines(&text).collect();
-                    if lines
-                        .iter()
-                        .any(|(t, l)| *t >= fault_us && l.contains("lost leadership"))
-                    {
-                        return Some(true);
-                    }
-                    let renews = lines
-                        .iter()
-                        .filter(|(t, l)| *t >= heal_us && l.ends_with(&renewed))
-                        .count();
-                    (renews >= 2).then_some(false)
-                },
-            )
-        };
+        let lost = self.lost_or_renewed(l, fault_us, heal_us);
         match (kind, lost) {
             (Kind::BlackholeShort, true) => self.fail(format!(
                 "a black-hole of {len:?} cost wrapper #{} its leadership; up to {}ms must be \
@@ -1045,37 +1234,378 @@ impl Chaos {
                  + TTL - grace - margin) had passed",
                 l.owner
             )),
-            (_, false) => {
-                let events = self.events();
-                self.check(
-                    Self::term_of(&events, l.child, fault_us).is_none()
-                        && self.end_of(&events, l.child).is_none()
-                        && pid_alive(l.child),
-                    || {
-                        format!(
-                            "wrapper #{} logged no loss, but its child {} was stopped",
-                            l.owner, l.child
-                        )
-                    },
-                );
-                let held = self.rt.block_on(lock_state(&self.agent, &self.key_name));
-                self.check(
-                    held.as_ref().and_then(|h| h.0.as_deref()) == Some(l.session.as_str()),
-                    || format!("after a tolerated black-hole the key is {held:?}"),
-                );
-                *self.stats.tolerated.entry(kind).or_default() += 1;
-                self.note(format!("wrapper #{} rode it out", l.owner));
-                l.clone()
-            }
+            (_, false) => self.rode_it_out(l, kind, fault_us),
             (_, true) => self.follow(
                 Some(l.clone()),
                 Some(Transition {
                     kind,
                     fault_us,
                     done_us: heal_us,
+                    after_us: fault_us,
                 }),
             ),
         }
+    }
+
+    /// Whether leader `l`, hit by a fault from `fault_us` healed at `heal_us`, lost its
+    /// leadership: a loss decided at any time before the second renew after the heal is logged
+    /// before that renew (one thread logs both, in order).
+    fn lost_or_renewed(&self, l: &Leader, fault_us: u64, heal_us: u64) -> bool {
+        let renewed = format!("renewed session {}", l.session);
+        let c = &self.contenders[self.index_of(l.owner)];
+        self.wait_for(
+            "the leader to lose or to renew twice after the heal",
+            DEADLINE,
+            || {
+                let text = c.proc.stderr_text();
+                let lines: Vec<(u64, &str)> = log_lines(&text).collect();
+                if lines
+                    .iter()
+                    .any(|(t, l)| *t >= fault_us && l.contains("lost leadership"))
+                {
+                    return Some(true);
+                }
+                let renews = lines
+                    .iter()
+                    .filter(|(t, l)| *t >= heal_us && l.ends_with(&renewed))
+                    .count();
+                (renews >= 2).then_some(false)
+            },
+        )
+    }
+
+    /// Leader `l` logged no loss through a tolerated fault: its child was not touched and it
+    /// still holds the key.
+    fn rode_it_out(&mut self, l: &Leader, kind: Kind, fault_us: u64) -> Leader {
+        let events = self.events();
+        self.check(
+            Self::term_of(&events, l.child, fault_us).is_none()
+                && self.end_of(&events, l.child).is_none()
+                && pid_alive(l.child),
+            || {
+                format!(
+                    "wrapper #{} logged no loss, but its child {} was stopped",
+                    l.owner, l.child
+                )
+            },
+        );
+        let held = self.rt.block_on(lock_state(&self.agent, &self.key_name));
+        self.check(
+            held.as_ref().and_then(|h| h.0.as_deref()) == Some(l.session.as_str()),
+            || format!("after a tolerated {} the key is {held:?}", kind.name()),
+        );
+        *self.stats.tolerated.entry(kind).or_default() += 1;
+        self.note(format!("wrapper #{} rode it out", l.owner));
+        l.clone()
+    }
+
+    /// Black-holes the leader and invalidates its session at once (a destroy, or its bound
+    /// check failed), as Consul does when a partitioned node's `serfHealth` goes critical; heals
+    /// after the old leader's fence.
+    fn partition_invalidate(&mut self, l: &Leader, kind: Kind) -> Leader {
+        let len = Duration::from_millis(self.rng.random_range(PARTITION.0..=PARTITION.1));
+        let i = self.index_of(l.owner);
+        let check = self.contenders[i].check.clone();
+        self.note(format!(
+            "fault: black-hole wrapper #{} for {len:?}, then {}",
+            l.owner,
+            if kind == Kind::PartitionCheck {
+                format!("fail its check {check}")
+            } else {
+                format!("destroy its session {}", l.session)
+            }
+        ));
+        let (fault_us, done_us) = self.cut_and_invalidate(l, kind);
+        if kind == Kind::PartitionCheck {
+            // Once the session is invalidated the check may pass again, so that the wrapper can
+            // bind it to its next session (Consul binds no critical check).
+            self.wait_for("the session to be invalidated", NOTICE, || {
+                self.rt
+                    .block_on(self.agent.session_info(&l.session))
+                    .is_none()
+                    .then_some(())
+            });
+            self.rt.block_on(self.agent.check_update("pass", &check));
+        }
+        hold_fault(len.saturating_sub(Duration::from_micros(now_us() - fault_us)));
+        self.contenders[i].proxy.set_mode(Mode::Pass);
+        self.follow(
+            Some(l.clone()),
+            Some(Transition {
+                kind,
+                fault_us,
+                done_us,
+                after_us: fault_us,
+            }),
+        )
+    }
+
+    /// Black-holes the leader's proxy, then invalidates its session (destroy or failed check);
+    /// returns (black-hole began, invalidation answered).
+    fn cut_and_invalidate(&mut self, l: &Leader, kind: Kind) -> (u64, u64) {
+        let i = self.index_of(l.owner);
+        self.contenders[i].blackholed = true;
+        self.contenders[i].proxy.set_mode(Mode::Blackhole);
+        let fault_us = now_us();
+        if kind == Kind::PartitionCheck {
+            let check = self.contenders[i].check.clone();
+            self.rt.block_on(self.agent.check_update("fail", &check));
+        } else {
+            self.rt.block_on(self.agent.destroy_session(&l.session));
+        }
+        (fault_us, now_us())
+    }
+
+    /// A partition plus destroy, then SIGTERM to the contender that won the key while it waits
+    /// out its silence: it knows nothing of the old child, so it must release without the clean
+    /// mark, and the next leader waits a whole silence after that release.
+    fn sigterm_in_silence(&mut self, l: &Leader) -> Leader {
+        let len = Duration::from_millis(self.rng.random_range(PARTITION.0..=PARTITION.1));
+        self.note(format!(
+            "fault: black-hole wrapper #{} for {len:?}, destroy its session, SIGTERM the winner \
+             during its silence",
+            l.owner
+        ));
+        let (fault_us, done_us) = self.cut_and_invalidate(l, Kind::PartitionDestroy);
+        let winner = self.wait_for("a contender waiting out its silence", NOTICE, || {
+            self.contenders
+                .iter()
+                .filter(|c| c.id != l.owner)
+                .find(|c| {
+                    log_lines(&c.proc.stderr_text())
+                        .any(|(t, m)| t >= fault_us && message(m).starts_with("silence:"))
+                })
+                .map(|c| c.id)
+        });
+        let w = self.index_of(winner);
+        self.contenders[w].proc.signal(Signal::SIGTERM);
+        let termed_us = now_us();
+        self.note(format!("SIGTERM to wrapper #{winner} during its silence"));
+        let st = self.wait_exit(winner, "SIGTERM during its silence");
+        let w = self.index_of(winner);
+        self.check(st.signal() == Some(Signal::SIGTERM as i32), || {
+            format!(
+                "wrapper #{winner} ended with {} after SIGTERM during its silence\n{}",
+                describe_status(&st),
+                self.contenders[w].proc.output_report()
+            )
+        });
+        let started = log_lines(&self.contenders[w].proc.stderr_text())
+            .any(|(t, m)| t >= fault_us && m.contains("started the command"));
+        self.check(!started, || {
+            format!("wrapper #{winner} started its command though stopped during its silence")
+        });
+        let (pid, blackholed) = (self.contenders[w].proc.pid(), self.contenders[w].blackholed);
+        self.check_no_session_of(winner, pid, blackholed);
+        self.replace(winner);
+        hold_fault(len.saturating_sub(Duration::from_micros(now_us() - fault_us)));
+        let i = self.index_of(l.owner);
+        self.contenders[i].proxy.set_mode(Mode::Pass);
+        self.follow(
+            Some(l.clone()),
+            Some(Transition {
+                kind: Kind::SilenceTerm,
+                fault_us,
+                done_us,
+                after_us: termed_us,
+            }),
+        )
+    }
+
+    /// `DELETE` of the key, under a healthy leader or one black-holed first (healed after its
+    /// fence).
+    fn delete_key(&mut self, l: &Leader, kind: Kind) -> Leader {
+        let i = self.index_of(l.owner);
+        let mut fault_us = now_us();
+        let len = if kind == Kind::DeletePartitioned {
+            let len = Duration::from_millis(self.rng.random_range(PARTITION.0..=PARTITION.1));
+            self.note(format!(
+                "fault: black-hole wrapper #{} for {len:?}, then delete the key",
+                l.owner
+            ));
+            self.contenders[i].blackholed = true;
+            self.contenders[i].proxy.set_mode(Mode::Blackhole);
+            fault_us = now_us();
+            Some(len)
+        } else {
+            self.note(format!("fault: delete the key under wrapper #{}", l.owner));
+            None
+        };
+        let sent_us = now_us();
+        self.rt
+            .block_on(self.agent.delete(&self.agent.kv_path(&self.key_name)))
+            .expect_status(200);
+        let done_us = now_us();
+        if kind == Kind::DeleteHealthy {
+            fault_us = sent_us;
+        }
+        if let Some(len) = len {
+            hold_fault(len.saturating_sub(Duration::from_micros(now_us() - fault_us)));
+            self.contenders[i].proxy.set_mode(Mode::Pass);
+        }
+        self.follow(
+            Some(l.clone()),
+            Some(Transition {
+                kind,
+                fault_us,
+                done_us,
+                after_us: sent_us,
+            }),
+        )
+    }
+
+    /// The agent restarts on the same port with empty state. While it comes back (and the test
+    /// registers the contenders' checks again), every proxy answers `500 No cluster leader`, as
+    /// a Consul agent does until it has a leader.
+    fn restart_agent(&mut self, l: &Leader) -> Leader {
+        self.note(format!(
+            "fault: restart the agent with empty state under wrapper #{}",
+            l.owner
+        ));
+        for c in &self.contenders {
+            c.proxy.fail_http(500, NO_LEADER);
+        }
+        let fault_us = now_us();
+        self.agent.restart(DevAgent::builder().ttl_min("1s"));
+        let checks: Vec<String> = self.contenders.iter().map(|c| c.check.clone()).collect();
+        for check in &checks {
+            self.register_check(check);
+        }
+        for c in &self.contenders {
+            c.proxy.set_mode(Mode::Pass);
+        }
+        let back_us = now_us();
+        self.note(format!(
+            "the agent is back after {}",
+            fmt_us(back_us - fault_us)
+        ));
+        // Indexes start over: the next fencing token may be lower than the last.
+        self.tokens_restarted = true;
+        self.follow(
+            Some(l.clone()),
+            Some(Transition {
+                kind: Kind::AgentRestart,
+                fault_us,
+                done_us: back_us,
+                after_us: fault_us,
+            }),
+        )
+    }
+
+    /// `500 No cluster leader` on every follower's proxy for a while, their blocking reads cut;
+    /// on the leader's for at most the tolerated `SHORT_BLACKHOLE.1`. Nobody may give up, the
+    /// leader must ride it out.
+    fn no_leader_500(&mut self, l: &Leader) -> Leader {
+        let len = Duration::from_millis(self.rng.random_range(NO_LEADER_500.0..=NO_LEADER_500.1));
+        let leader_len = len.min(Duration::from_millis(SHORT_BLACKHOLE.1));
+        self.note(format!(
+            "fault: 500 No cluster leader for {len:?} to the followers of wrapper #{}, \
+             {leader_len:?} to it",
+            l.owner
+        ));
+        let canned_before: u64 = self
+            .contenders
+            .iter()
+            .map(|c| c.proxy.canned_responses())
+            .sum();
+        for c in &self.contenders {
+            c.proxy.fail_http(500, NO_LEADER);
+            c.proxy.pin_all(Mode::Reset);
+        }
+        let fault_us = now_us();
+        let i = self.index_of(l.owner);
+        hold_fault(leader_len);
+        self.contenders[i].proxy.set_mode(Mode::Pass);
+        hold_fault(len - leader_len);
+        for c in &self.contenders {
+            c.proxy.set_mode(Mode::Pass);
+        }
+        let heal_us = now_us();
+        let canned: u64 = self
+            .contenders
+            .iter()
+            .map(|c| c.proxy.canned_responses())
+            .sum::<u64>()
+            - canned_before;
+        self.note(format!("{canned} requests were answered 500"));
+        self.check_nobody_gave_up(fault_us);
+        if self.lost_or_renewed(l, fault_us, heal_us) {
+            self.fail(format!(
+                "500 answers for {leader_len:?} cost wrapper #{} its leadership",
+                l.owner
+            ));
+        }
+        self.rode_it_out(l, Kind::NoLeader500, fault_us)
+    }
+
+    /// A contender that logged an error since `since_us` gave up: wait for its exit and fail
+    /// with it. (A transient error is retried, never an error line.)
+    fn check_nobody_gave_up(&mut self, since_us: u64) {
+        let gave_up = self.contenders.iter().position(|c| {
+            log_lines(&c.proc.stderr_text())
+                .any(|(t, m)| t >= since_us && m.trim_start().starts_with("ERROR"))
+        });
+        if let Some(i) = gave_up {
+            let st = self.contenders[i].proc.wait_exit(Duration::from_secs(15));
+            let c = &self.contenders[i];
+            self.check(st.is_none(), || {
+                format!(
+                    "wrapper #{} gave up on a transient error: {}\n{}",
+                    c.id,
+                    st.as_ref().map(describe_status).unwrap_or_default(),
+                    c.proc.output_report()
+                )
+            });
+        }
+    }
+
+    /// The leader's agent is slow: its proxy holds each chunk for a while, so that a request
+    /// takes up to 4 x that, within T/2. No loss may follow.
+    fn slow_agent(&mut self, l: &Leader) -> Leader {
+        let delay = Duration::from_millis(self.rng.random_range(SLOW_DELAY.0..=SLOW_DELAY.1));
+        let len = Duration::from_millis(self.rng.random_range(SLOW_FOR.0..=SLOW_FOR.1));
+        self.note(format!(
+            "fault: slow agent for wrapper #{}: {delay:?} a chunk for {len:?}",
+            l.owner
+        ));
+        let i = self.index_of(l.owner);
+        self.contenders[i].proxy.set_mode(Mode::Delay(delay));
+        let fault_us = now_us();
+        hold_fault(len);
+        self.contenders[i].proxy.set_mode(Mode::Pass);
+        let heal_us = now_us();
+        if self.lost_or_renewed(l, fault_us, heal_us) {
+            self.fail(format!(
+                "a slow agent ({delay:?} a chunk, at most {:?} a request, for {len:?}) cost \
+                 wrapper #{} its leadership; up to T/2 = {:?} a request must be tolerated",
+                delay * 4,
+                l.owner,
+                TTL / 2
+            ));
+        }
+        self.rode_it_out(l, Kind::SlowAgent, fault_us)
+    }
+
+    /// Every contender is still running: the faults of a round end with a leader and its
+    /// followers in the race, and nobody may exit on a fault it should ride out.
+    fn check_all_running(&mut self) {
+        let exited: Vec<String> = self
+            .contenders
+            .iter_mut()
+            .filter_map(|c| {
+                c.proc.try_status().map(|st| {
+                    format!(
+                        "wrapper #{} exited with {}\n{}",
+                        c.id,
+                        describe_status(&st),
+                        c.proc.output_report()
+                    )
+                })
+            })
+            .collect();
+        self.check(exited.is_empty(), || {
+            format!("wrappers left the race: {}", exited.join("\n"))
+        });
     }
 
     /// Waits for the child after `old` (the first child when `None`), checks the change of
@@ -1097,8 +1627,14 @@ impl Chaos {
             }
             if let Some(code) = conf.exit_code {
                 // This child exits as soon as it is set up: its wrapper releases cleanly and
-                // exits with the child's code.
+                // exits with the child's code (a crash-looping one after restarting it until
+                // its restart limit, holding the lock all along).
                 let st = self.wait_exit(owner, "its child exited");
+                let (child, nth) = if conf.crash_loops {
+                    self.check_crash_loop(owner, child, nth)
+                } else {
+                    (child, nth)
+                };
                 self.check(st.code() == Some(code as i32), || {
                     format!(
                         "wrapper #{owner} ended with {} after its child exited with {code}",
@@ -1130,11 +1666,54 @@ impl Chaos {
                     kind: Kind::ChildExit,
                     fault_us: end,
                     done_us: end,
+                    after_us: end,
                 });
                 continue;
             }
             return self.establish(child, nth, owner, wrapper_pid, conf);
         }
+    }
+
+    /// A crash-looping child's wrapper has exited: it started the child [`RESTART_LIMIT`] times
+    /// in a row, each restart a clean handover to itself after the restart delay (no other
+    /// child in between, no overlap). Returns the last start.
+    fn check_crash_loop(&mut self, owner: usize, first: u32, nth: usize) -> (u32, usize) {
+        let starts = self.main_starts();
+        let events = self.events();
+        let mut prev = first;
+        for k in 1..RESTART_LIMIT {
+            let Some(next) = starts.get(nth + k) else {
+                self.fail(format!(
+                    "wrapper #{owner} stepped down after {k} starts of its crash-looping child; \
+                     its restart limit is {RESTART_LIMIT}"
+                ));
+            };
+            let by = self.owner_of(next.pid).map(|o| o.0);
+            self.check(by == Some(owner), || {
+                format!(
+                    "child {} started by {by:?} while wrapper #{owner} restarted its crash-looping child",
+                    next.pid
+                )
+            });
+            let end = self.end_of(&events, prev).unwrap_or(u64::MAX);
+            self.check(end <= next.time_us && next.time_us - end <= us(CLEAN_MAX), || {
+                format!(
+                    "restart of wrapper #{owner}'s child: child {} started {} after child {prev} \
+                     ended",
+                    next.pid,
+                    fmt_delta(next.time_us, end)
+                )
+            });
+            prev = next.pid;
+        }
+        let log = self.stderr_of(owner);
+        self.check(log.contains("stepping down"), || {
+            format!("wrapper #{owner} exited without saying it stepped down:\n{log}")
+        });
+        self.note(format!(
+            "wrapper #{owner} restarted its crash-looping child {RESTART_LIMIT} times, then stepped down"
+        ));
+        (prev, nth + RESTART_LIMIT - 1)
     }
 
     /// Checks the new leader's child against the key and its environment.
@@ -1157,12 +1736,12 @@ impl Chaos {
                 "child {child} of wrapper #{owner} runs but the key is {state:?}"
             ));
         };
-        // The fencing token is the ModifyIndex of the acquire (the holder never writes the key
-        // while it holds it).
-        let token = self
+        // The fencing token is the acquire's ModifyIndex: nothing writes the key while held.
+        let modify_index = self
             .rt
-            .block_on(modify_index(&self.agent, &self.key_name))
-            .unwrap_or(0);
+            .block_on(self.agent.kv_entry(&self.key_name))
+            .and_then(|e| e["ModifyIndex"].as_u64())
+            .unwrap_or_else(|| self.fail("the held key has no ModifyIndex".into()));
         self.check(value["pid"].as_u64() == Some(wrapper_pid as u64), || {
             format!("child {child} of wrapper #{owner} (pid {wrapper_pid}) runs, but the key names {value}")
         });
@@ -1170,25 +1749,31 @@ impl Chaos {
         let env_token = proc_env(child, "CONSUL_LEADER_FENCING_TOKEN");
         self.check(
             env_session.as_deref() == Some(session.as_str())
-                && env_token.as_deref() == Some(token.to_string().as_str()),
+                && env_token.as_deref() == Some(modify_index.to_string().as_str()),
             || {
                 format!(
                     "child {child} has session {env_session:?} and fencing token {env_token:?}; \
-                     the key has {session} and modify index {token}"
+                     the key has {session} and ModifyIndex {modify_index}"
                 )
             },
         );
-        if let Some(prev) = &self.leader {
-            self.check(token > prev.fencing_token, || {
-                format!(
-                    "fencing token {token} of child {child} is not above the previous \
-                     leader's {}",
-                    prev.fencing_token
-                )
-            });
+        // Tokens grow with every new holder, across deleted and recreated keys; only an agent
+        // that lost its state starts its indexes over.
+        match &self.leader {
+            Some(prev) if !self.tokens_restarted => {
+                self.check(modify_index > prev.fencing_token, || {
+                    format!(
+                        "fencing token {modify_index} of child {child} is not above the previous \
+                         leader's {}",
+                        prev.fencing_token
+                    )
+                });
+            }
+            _ => {}
         }
+        self.tokens_restarted = false;
         self.note(format!(
-            "wrapper #{owner} leads: child {child}, fencing token {token} ({})",
+            "wrapper #{owner} leads: child {child}, fencing token {modify_index} ({})",
             conf.describe()
         ));
         let leader = Leader {
@@ -1197,7 +1782,7 @@ impl Chaos {
             owner,
             wrapper_pid,
             session,
-            fencing_token: token,
+            fencing_token: modify_index,
         };
         self.leader = Some(leader.clone());
         leader
@@ -1251,6 +1836,10 @@ impl Chaos {
                     )
                 });
             }
+        } else if t.kind.missing_key() {
+            since_free_us = Some(self.check_missing_key(&what, old, end, start_us, t));
+        } else if t.kind == Kind::SilenceTerm {
+            since_free_us = Some(self.check_silence_term(&what, end, start_us, t));
         } else {
             let Some(free) = self.watcher.first_free_after(t.fault_us) else {
                 self.fail(format!("{what}: the key was never seen free"));
@@ -1263,14 +1852,23 @@ impl Chaos {
             let since_free = start_us - free.at_us;
             since_free_us = Some(since_free);
             // Every contender's silence counts from its own first sighting of the free key,
-            // which is no earlier than the free.
-            self.check(since_free + us(UNCLEAN_EARLY) >= us(SILENCE), || {
-                format!(
-                    "{what}: the new child started {} after the key was freed; the silence is \
+            // which is no earlier than the free. The one exception: the old leader itself,
+            // back in the race (`--on-lost recontend`) after stopping its own child, owes no
+            // wait for it (election's module docs, 7), and may start as soon as it holds the key.
+            let returned = winner == old.owner;
+            if returned {
+                self.stats.returned += 1;
+            }
+            self.check(
+                returned || since_free + us(UNCLEAN_EARLY) >= us(SILENCE),
+                || {
+                    format!(
+                        "{what}: the new child started {} after the key was freed; the silence is \
                      {SILENCE:?}",
-                    fmt_us(since_free)
-                )
-            });
+                        fmt_us(since_free)
+                    )
+                },
+            );
             // Lock-delay: the first acquire after it succeeds within the retry backoff's cap.
             let log = self.stderr_of(winner);
             let token_line = format!("acquired the lock on {} (fencing token", self.key);
@@ -1322,7 +1920,7 @@ impl Chaos {
             // steps and a busy machine.
             let ended_by = match t.kind {
                 Kind::Kill => t.fault_us + us(TTL * 2),
-                Kind::Destroy => t.done_us,
+                Kind::Destroy | Kind::PartitionDestroy | Kind::PartitionCheck => t.done_us,
                 _ => (t.fault_us + us(TTL * 2)).max(t.done_us),
             };
             self.check(
@@ -1365,6 +1963,15 @@ impl Chaos {
                         )
                     });
                 }
+                Kind::PartitionDestroy | Kind::PartitionCheck => {
+                    self.check(free.at_us <= t.done_us + us(DESTROY_FREE_MAX), || {
+                        format!(
+                            "{what}: the key was freed {} after the invalidation was answered",
+                            fmt_delta(free.at_us, t.done_us)
+                        )
+                    });
+                    self.check_fenced(&what, end, t);
+                }
                 _ => {
                     let latest = (t.fault_us + us(TTL * 2)).max(t.done_us) + us(EXPIRY_SLACK);
                     self.check(free.at_us <= latest, || {
@@ -1385,8 +1992,13 @@ impl Chaos {
                     });
                 }
             }
-            if t.kind != Kind::Destroy {
-                // The fencing argument: the old child is gone before Consul lets go of the key.
+            if !matches!(
+                t.kind,
+                Kind::Destroy | Kind::PartitionDestroy | Kind::PartitionCheck
+            ) {
+                // The fencing argument: the old child is gone before Consul lets go of the key
+                // (unless the session was ended from outside: then lock-delay or silence, at
+                // least the TTL, covers the old leader's fence).
                 self.check(end <= free.at_us + us(MEASURE_SLACK), || {
                     format!(
                         "{what}: the old child ended {} after the key was freed",
@@ -1409,6 +2021,133 @@ impl Chaos {
                 .map(|v| format!(", key free to new start {}", fmt_us(v)))
                 .unwrap_or_default()
         ));
+    }
+
+    /// A leader cut off at `t.fault_us` had its child gone by its last renew + T - margin, and
+    /// its last good renew was sent before the cut.
+    fn check_fenced(&mut self, what: &str, end: u64, t: &Transition) {
+        self.stats.fence_us.push(end.saturating_sub(t.fault_us));
+        self.check(end <= t.fault_us + us(TTL) + us(MEASURE_SLACK), || {
+            format!(
+                "{what}: the old child ended {} after the black-hole began; it must be gone by \
+                 its last renew + TTL",
+                fmt_delta(end, t.fault_us)
+            )
+        });
+    }
+
+    /// The bounds of a change after the key went missing (deleted, or an agent that lost its
+    /// state): every contender owes max(s, T) from its first sighting of the missing key, which
+    /// is after `t.after_us`. Returns the time from the key going missing to the new child.
+    fn check_missing_key(
+        &mut self,
+        what: &str,
+        old: &Leader,
+        end: u64,
+        start_us: u64,
+        t: &Transition,
+    ) -> u64 {
+        self.check(
+            start_us + us(CLOCK_SLACK) >= t.after_us + us(MISSING_OWES),
+            || {
+                format!(
+                    "{what}: the new child started {} after the key went missing; a missing key \
+                     owes max(silence, TTL) = {MISSING_OWES:?}",
+                    fmt_delta(start_us, t.after_us)
+                )
+            },
+        );
+        let events = self.events();
+        let late = match t.kind {
+            Kind::DeleteHealthy => {
+                // The leader's key watch sees the deletion at once.
+                let Some(term) = Self::term_of(&events, old.child, t.after_us) else {
+                    self.fail(format!("{what}: the old child never got its stop signal"));
+                };
+                self.stats.detection_us.push(term - t.after_us);
+                self.check(term <= t.done_us + us(DETECTION_MAX), || {
+                    format!(
+                        "{what}: the old child got its stop signal {} after the delete",
+                        fmt_delta(term, t.after_us)
+                    )
+                });
+                UNCLEAN_LATE
+            }
+            Kind::DeletePartitioned => {
+                self.check_fenced(what, end, t);
+                UNCLEAN_LATE
+            }
+            _ => {
+                // An agent that lost its state: the leader notices once it is back.
+                let Some(term) = Self::term_of(&events, old.child, t.fault_us) else {
+                    self.fail(format!("{what}: the old child never got its stop signal"));
+                };
+                self.check(term <= t.done_us + us(RESTART_NOTICE), || {
+                    format!(
+                        "{what}: the old child got its stop signal {} after the agent was back",
+                        fmt_delta(term, t.done_us)
+                    )
+                });
+                RESTART_LATE
+            }
+        };
+        // Contenders blocked on the key see it missing at once; Consul puts no lock-delay on a
+        // missing key.
+        self.check(start_us <= t.done_us + us(MISSING_OWES + late), || {
+            format!(
+                "{what}: the new child started {} after the key went missing; it owes \
+                 {MISSING_OWES:?}",
+                fmt_delta(start_us, t.after_us)
+            )
+        });
+        start_us.saturating_sub(t.after_us)
+    }
+
+    /// The bounds of a change after the winner of a partition plus destroy was stopped during
+    /// its silence (`t.after_us`): it knew nothing of the old child, so it released without the
+    /// clean mark, and the next leader still owes a silence. Returns the time from that SIGTERM
+    /// to the new child.
+    fn check_silence_term(&mut self, what: &str, end: u64, start_us: u64, t: &Transition) -> u64 {
+        if let Some(free) = self.watcher.first_free_after(t.after_us)
+            && free.at_us <= start_us
+        {
+            self.check(!free.clean, || {
+                format!(
+                    "{what}: the winner stopped during its silence released the key marked \
+                     clean: {free:?}"
+                )
+            });
+        }
+        // The next leader's first sighting of the free key is no earlier than the destroy's
+        // free (in practice it is after the stopped winner's release, since it saw the winner
+        // hold the key; the bound does not rely on that). A clean mark would let it start at
+        // once, about d after the free.
+        let Some(free) = self.watcher.first_free_after(t.fault_us) else {
+            self.fail(format!("{what}: the key was never seen free"));
+        };
+        self.check(
+            start_us + us(UNCLEAN_EARLY) >= free.at_us + us(SILENCE),
+            || {
+                format!(
+                    "{what}: the new child started {} after the key was freed ({} after the winner \
+                 was stopped during its silence); the next leader owes a silence ({SILENCE:?})",
+                    fmt_delta(start_us, free.at_us),
+                    fmt_delta(start_us, t.after_us)
+                )
+            },
+        );
+        // The stopped winner released (or destroyed its session: then lock-delay first).
+        self.check(
+            start_us <= t.after_us + us(LOCK_DELAY + SILENCE + UNCLEAN_TOTAL_SLACK),
+            || {
+                format!(
+                    "{what}: the new child started {} after the winner was stopped",
+                    fmt_delta(start_us, t.after_us)
+                )
+            },
+        );
+        self.check_fenced(what, end, t);
+        start_us.saturating_sub(t.after_us)
     }
 
     fn check_overlaps(&self) {
@@ -1563,10 +2302,12 @@ impl Chaos {
         out += &format!("faults: {}\n", faults.join(", "));
         let clean = s.handovers.iter().filter(|h| h.kind.clean()).count();
         out += &format!(
-            "handovers: {} ({clean} clean, {} unclean); children stopped by SIGKILL after the \
-             grace: {stubborn}; escaped grandchildren of SIGKILLed wrappers killed by the test: {}\n",
+            "handovers: {} ({clean} clean, {} unclean, {} of those won back by the old leader); \
+             children stopped by SIGKILL after the grace: {stubborn}; escaped grandchildren of \
+             SIGKILLed wrappers killed by the test: {}\n",
             s.handovers.len(),
             s.handovers.len() - clean,
+            s.returned,
             s.escaped_killed
         );
         out += &format!(
@@ -1578,12 +2319,20 @@ impl Chaos {
             LOCK_DELAY + SILENCE + UNCLEAN_TOTAL_SLACK
         );
         out += &format!(
-            "{:<16} {:>5}  {:>23}  {:>23}  {:>23}\n",
+            "bounds: missing key->new >= {MISSING_OWES:?} (delete answered->new <= {:?}, agent \
+             back->new <= {:?}); SIGTERM in the silence: key free->new >= {:?}; agent back->old \
+             child's stop signal <= {RESTART_NOTICE:?}\n",
+            MISSING_OWES + UNCLEAN_LATE,
+            MISSING_OWES + RESTART_LATE,
+            SILENCE - UNCLEAN_EARLY
+        );
+        out += &format!(
+            "{:<18} {:>5}  {:>23}  {:>23}  {:>23}\n",
             "kind",
             "count",
             "old end->new (med/max)",
             "fault->new (med/max)",
-            "key free->new (med/max)"
+            "key free/gone->new (med/max)"
         );
         let mut kinds: Vec<Kind> = s.handovers.iter().map(|h| h.kind).collect();
         kinds.sort();
@@ -1594,7 +2343,7 @@ impl Chaos {
             let fault = med_max(hs.iter().map(|h| h.since_fault_us).collect());
             let free = med_max(hs.iter().filter_map(|h| h.since_free_us).collect());
             out += &format!(
-                "{:<16} {:>5}  {gap:>23}  {fault:>23}  {free:>23}\n",
+                "{:<18} {:>5}  {gap:>23}  {fault:>23}  {free:>23}\n",
                 k.name(),
                 hs.len()
             );

@@ -1134,3 +1134,178 @@ async fn c60_check_register_without_name_is_400() {
         .expect_status(400);
     assert_body(&r, "Missing check name");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Beyond the checklist: places where third-party clients' own suites found the dev agent
+// different from Consul, each read from Consul's source (issue 14).
+// ---------------------------------------------------------------------------------------------
+
+/// `Stats` as a server fills it (agent/consul/server.go `Stats`, plus the agent's `agent` and
+/// `build`), and `xDS`, which `consul agent -dev` has because its gRPC port is set.
+#[tokio::test]
+async fn c61_agent_self_has_the_servers_stats_and_xds() {
+    let a = DevAgent::start();
+    let leader = a.get("/v1/status/leader").await.expect_status(200).json();
+    let me = a.get("/v1/agent/self").await.expect_status(200).json();
+    let stats = me["Stats"].as_object().expect("Stats is an object");
+    for section in [
+        "consul", "raft", "serf_lan", "serf_wan", "runtime", "agent", "build",
+    ] {
+        let s = stats[section]
+            .as_object()
+            .unwrap_or_else(|| panic!("no Stats.{section}: {me}"));
+        assert!(
+            s.values().all(|v| v.is_string()),
+            "Stats.{section} values are all strings: {s:?}"
+        );
+    }
+    let consul = &stats["consul"];
+    assert_eq!(consul["leader_addr"], leader, "{consul}");
+    assert_eq!(consul["leader"], "true");
+    assert_eq!(consul["server"], "true");
+    for key in ["bootstrap", "known_datacenters"] {
+        assert!(consul[key].is_string(), "consul.{key}: {consul}");
+    }
+    for key in ["state", "commit_index", "applied_index", "last_log_index"] {
+        assert!(
+            stats["raft"][key].is_string(),
+            "raft.{key}: {}",
+            stats["raft"]
+        );
+    }
+    assert_eq!(stats["raft"]["state"], "Leader");
+    assert!(stats["serf_lan"]["members"].is_string());
+    assert!(stats["runtime"]["os"].is_string());
+    if !DevAgent::is_real() {
+        // A real agent has xDS only in -dev mode or with a gRPC port configured.
+        let xds = &me["xDS"];
+        assert!(xds["SupportedProxies"]["envoy"].is_array(), "{xds}");
+        assert!(
+            xds["Port"].is_i64() && xds["Ports"]["Plaintext"].is_i64(),
+            "{xds}"
+        );
+        assert!(xds["Ports"]["TLS"].is_i64(), "{xds}");
+    }
+}
+
+/// `?wan=<non-empty>` lists the WAN pool, where servers are `<node>.<datacenter>`; a bare `?wan`
+/// is the LAN (Consul reads the value); a segment with wan is refused.
+#[tokio::test]
+async fn c62_members_with_wan_list_the_wan_pool() {
+    let a = DevAgent::start();
+    let me = a.get("/v1/agent/self").await.expect_status(200).json();
+    let (node, dc) = (
+        me["Config"]["NodeName"].as_str().unwrap().to_string(),
+        me["Config"]["Datacenter"].as_str().unwrap().to_string(),
+    );
+    let names = |v: serde_json::Value| -> Vec<String> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["Name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let lan = a.get("/v1/agent/members").await.expect_status(200).json();
+    assert!(names(lan.clone()).contains(&node), "{lan}");
+    let wan = a
+        .get("/v1/agent/members?wan=1")
+        .await
+        .expect_status(200)
+        .json();
+    assert!(
+        names(wan.clone()).contains(&format!("{node}.{dc}")),
+        "{wan}"
+    );
+    assert!(!names(wan.clone()).contains(&node), "{wan}");
+    let bare = a
+        .get("/v1/agent/members?wan")
+        .await
+        .expect_status(200)
+        .json();
+    assert!(names(bare).contains(&node));
+    let r = a
+        .get("/v1/agent/members?wan=1&segment=alpha")
+        .await
+        .expect_status(400);
+    assert_body(&r, "Cannot provide a segment with wan=true");
+}
+
+/// Consul resolves the token before it validates the check's type: an unknown token gets 403
+/// even for a check that is also invalid; the anonymous token resolves, so an invalid check is
+/// still 400 for it, and only a valid one gets its permission refused.
+#[tokio::test]
+async fn c63_check_register_resolves_the_token_before_the_type() {
+    let token = "c63-secret";
+    let Some(a) = DevAgent::builder().acl_token(token).start() else {
+        return;
+    };
+    let no_type = r#"{"Name":"c63"}"#;
+    let r = a
+        .http()
+        .request("PUT", "/v1/agent/check/register")
+        .header("X-Consul-Token", "c63-wrong")
+        .body(no_type)
+        .send()
+        .await
+        .expect_status(403);
+    assert_body_contains(&r, "ACL not found");
+    // Name and status come before the token.
+    let r = a
+        .http()
+        .request("PUT", "/v1/agent/check/register")
+        .header("X-Consul-Token", "c63-wrong")
+        .body("{}")
+        .send()
+        .await
+        .expect_status(400);
+    assert_body(&r, "Missing check name");
+    // Anonymous: the type is checked before the permission.
+    let r = a
+        .put("/v1/agent/check/register", no_type)
+        .await
+        .expect_status(400);
+    assert_body_contains(&r, "Invalid check");
+    let r = a
+        .put("/v1/agent/check/register", r#"{"Name":"c63","TTL":"10s"}"#)
+        .await
+        .expect_status(403);
+    assert_body_contains(&r, "Permission denied");
+    a.http()
+        .request("PUT", "/v1/agent/check/register")
+        .header("X-Consul-Token", token)
+        .body(r#"{"Name":"c63","TTL":"10s"}"#)
+        .send()
+        .await
+        .expect_status(200);
+}
+
+/// Writes apply at once by default (decided: `consul agent -dev` commits through a one-voter,
+/// in-memory Raft in well under a millisecond); `--commit-latency` opens the commit window on
+/// purpose: a read sent while a write commits answers with the state before it.
+#[tokio::test]
+async fn c64_commit_latency_lets_a_concurrent_read_see_the_state_before_a_write() {
+    let Some(a) = DevAgent::builder()
+        .arg("--commit-latency")
+        .arg("400ms")
+        .start()
+    else {
+        return;
+    };
+    let path = a.kv_path("c64");
+    let http = a.http().clone();
+    let write_path = path.clone();
+    let write = tokio::spawn(async move { http.put(&write_path, "v").await });
+    // The read goes out while the write is still committing, and answers before it.
+    let r = a.get(&path).await;
+    assert!(!write.is_finished(), "the write answered before the read");
+    r.expect_status(404);
+    assert!(write.await.unwrap().expect_bool());
+    a.get(&path).await.expect_status(200);
+
+    // Without the option, a write is visible as soon as it answers, and answers promptly.
+    let b = DevAgent::start();
+    let started = Instant::now();
+    assert!(b.put(&b.kv_path("c64"), "v").await.expect_bool());
+    assert!(started.elapsed() < PROMPT);
+    b.get(&b.kv_path("c64")).await.expect_status(200);
+}

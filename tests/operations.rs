@@ -192,7 +192,27 @@ fn json_logs_one_object_per_line_and_quiet_keeps_only_errors() {
             serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
         assert!(v["message"].is_string() && v["level"].is_string(), "{line}");
     }
-    assert!(lines.iter().any(|l| l.contains("acquired the lock")));
+    // The key, session, fencing token and the command's pid are fields, on every line once known.
+    let objects: Vec<serde_json::Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let acquired = objects
+        .iter()
+        .find(|v| v["message"].as_str().unwrap().contains("acquired the lock"))
+        .unwrap_or_else(|| panic!("no `acquired` line: {lines:?}"));
+    assert_eq!(acquired["key"], key.as_str(), "{acquired}");
+    assert!(
+        acquired["session"].as_str().is_some_and(|s| s.len() == 36),
+        "{acquired}"
+    );
+    assert!(acquired["fencing_token"].as_u64().is_some(), "{acquired}");
+    let released = objects
+        .iter()
+        .find(|v| v["message"].as_str().unwrap().contains("released the lock"))
+        .unwrap_or_else(|| panic!("no `released` line: {lines:?}"));
+    assert!(released["pid"].as_u64().is_some(), "{released}");
+    assert_eq!(released["session"], acquired["session"]);
 
     let mut q = WrapperBuilder::new(&agent, &fx, &key, &timing)
         .switch("-q")
@@ -346,5 +366,124 @@ fn the_systemd_unit_works_as_systemd_runs_it() {
         .expect("the wrapper stops within TimeoutStopSec");
     assert!(stop_started.elapsed() < timeout);
     assert_eq!(st.signal(), Some(Signal::SIGTERM as i32));
+    fx.wait_none_left(DEADLINE);
+}
+
+/// Reads a systemd `EnvironmentFile`: `NAME=value` lines; `#` comments and blank lines skipped.
+fn environment_file(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect()
+}
+
+/// Expands an `ExecStart=` line the way systemd does: `${NAME}` is one word, an unbraced `$NAME`
+/// is split at whitespace (no words when empty).
+fn expand_exec(line: &str, env: &[(String, String)]) -> Vec<String> {
+    let value = |name: &str| {
+        env.iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
+    let mut argv = Vec::new();
+    for word in line.split_whitespace() {
+        if let Some(name) = word.strip_prefix("${").and_then(|w| w.strip_suffix('}')) {
+            argv.push(value(name));
+        } else if let Some(name) = word.strip_prefix('$') {
+            argv.extend(value(name).split_whitespace().map(str::to_string));
+        } else {
+            argv.push(word.to_string());
+        }
+    }
+    argv
+}
+
+/// The template unit the package installs, with the example environment file it documents, runs
+/// as systemd would run it: the file's variables in the environment (the empty token file
+/// setting counts as unset), ExecStart expanded by systemd's rules, the test's key and command in
+/// place of the example's, SIGTERM to the main process on stop.
+#[test]
+fn the_template_unit_runs_the_example_environment_file_as_systemd_would() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/contrib/systemd/");
+    let unit = std::fs::read_to_string(format!("{dir}consul-leader@.service")).unwrap();
+    let env_text = std::fs::read_to_string(format!("{dir}singleton.env")).unwrap();
+    let setting = |name: &str| {
+        unit.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}=")))
+            .unwrap_or_else(|| panic!("the unit has no {name}="))
+            .to_string()
+    };
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    assert!(
+        readme.contains(unit.trim()) && readme.contains(env_text.trim()),
+        "README.md must show consul-leader@.service and singleton.env as they are"
+    );
+    assert_eq!(setting("EnvironmentFile"), "/etc/consul-leader/%i.env");
+    assert_eq!(setting("RestartPreventExitStatus"), "2");
+    assert_eq!(setting("KillMode"), "mixed");
+    let timeout = humantime::parse_duration(&setting("TimeoutStopSec")).unwrap();
+
+    let (agent, timing) = agent();
+    let fx = Fixture::new();
+    let key = agent.key("template");
+    let mut env = environment_file(&env_text);
+    for (name, value) in env.iter_mut() {
+        match name.as_str() {
+            "KEY" => *value = key.clone(),
+            "COMMAND" => *value = format!("bash {}", Fixture::child_script()),
+            "CONSUL_HTTP_ADDR" => *value = agent.addr().to_string(),
+            _ => {}
+        }
+    }
+    assert!(
+        env.iter()
+            .any(|(k, v)| k == "CONSUL_HTTP_TOKEN_FILE" && v.is_empty()),
+        "the example leaves the token file empty: {env:?}"
+    );
+    let argv = expand_exec(&setting("ExecStart"), &env);
+    assert_eq!(argv[0], "consul-leader");
+    assert_eq!(&argv[1..4], ["run", "--key", key.as_str()]);
+    let sep = argv.iter().position(|a| a == "--").unwrap();
+
+    let sock = NotifySocket::bind(&fx);
+    let mut b = WrapperBuilder::new(&agent, &fx, &key, &timing)
+        .env("NOTIFY_SOCKET", sock.path.to_str().unwrap())
+        .command(
+            &argv[sep + 1..]
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+        );
+    for (name, value) in &env {
+        if name.starts_with("CONSUL_") {
+            b = b.env(name, value);
+        }
+    }
+    let mut options = argv[4..sep].iter();
+    while let Some(flag) = options.next() {
+        b = b.flag(
+            flag,
+            options.next().expect("every example option takes a value"),
+        );
+    }
+    let mut w = b.spawn();
+    fx.wait_journal("the command started", |ev| {
+        ev.iter().any(|e| e.is_main_start())
+    });
+    sock.wait_for("READY=1", |l| l == "READY=1");
+    w.signal(Signal::SIGTERM);
+    let st = w
+        .wait_exit(timeout)
+        .expect("the wrapper stops within TimeoutStopSec");
+    assert_eq!(
+        st.signal(),
+        Some(Signal::SIGTERM as i32),
+        "{}",
+        w.output_report()
+    );
     fx.wait_none_left(DEADLINE);
 }

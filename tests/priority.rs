@@ -330,7 +330,10 @@ fn priority_restart_and_forwarding_options_are_checked() {
             &["--forward-signals", "TERM"][..],
             "TERM and INT always stop",
         ),
-        (&["--stop-signal", "USR1"][..], "--forward-signals"),
+        (
+            &["--stop-signal", "USR1", "--forward-signals", "USR1"][..],
+            "--forward-signals",
+        ),
         (&["--restart-limit", "0/10m"][..], "--restart-limit"),
         (&["--restart-limit", "five"][..], "N/PERIOD"),
         (&["--id", " padded"][..], "--id"),

@@ -98,11 +98,11 @@ async fn t2_three_contenders_hand_over_cleanly_one_at_a_time() {
             round as u64 + 1,
             "each new holder bumps LockIndex"
         );
-        // Find the leading wrapper (the parent of the running child) and stop it.
+        // Find the leading wrapper (the parent of the child's keeper) and stop it.
         let child_pid = starts.last().unwrap().pid;
         let leader = wrappers
             .iter()
-            .position(|w| parent(child_pid) == Some(w.pid()))
+            .position(|w| parent(child_pid).and_then(parent) == Some(w.pid()))
             .unwrap_or_else(|| panic!("no wrapper is the parent of child {child_pid}"));
         let mut w = wrappers.remove(leader);
         w.signal(Signal::SIGTERM);
@@ -357,6 +357,38 @@ async fn t6_wait_zero_on_a_held_key_exits_busy() {
     assert_eq!(st.code(), Some(75), "{}", w.output_report());
     assert!(fx.events().is_empty(), "nothing was started");
     assert_no_session(&agent, &key).await;
+    agent.destroy_session(&s).await;
+}
+
+/// The cron case writes nothing to Consul: one read answers "busy", no session is created (a
+/// create and a destroy are two Raft writes per host per slot on a real cluster).
+#[tokio::test]
+async fn try_once_on_a_held_key_creates_no_session() {
+    let Some(agent) = common::leader::local_agent() else {
+        return;
+    };
+    let fx = Fixture::new();
+    let key = agent.key("busy-read");
+    let s = agent
+        .create_session(serde_json::json!({"TTL": "60s", "Name": "other"}))
+        .await;
+    assert!(acquire_as_lock(&agent, "busy-read", &s, b"x").await);
+    let sessions_index = || async { agent.get("/v1/session/list").await.index() };
+    let before = sessions_index().await;
+    let mut w = WrapperBuilder::new(&agent, &fx, &key, &common::leader::SHORT)
+        .flag("--wait", "0")
+        .spawn();
+    assert_eq!(exit_of(&mut w).code(), Some(75), "{}", w.output_report());
+    assert!(
+        w.stderr_text().contains("held by session"),
+        "{}",
+        w.stderr_text()
+    );
+    assert_eq!(
+        sessions_index().await,
+        before,
+        "no session was created or destroyed"
+    );
     agent.destroy_session(&s).await;
 }
 

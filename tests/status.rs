@@ -124,10 +124,41 @@ async fn status_reads_consul_lock_keys_and_names_other_keys() {
     );
     agent.destroy_session(&session).await;
 
+    // Plain data and a semaphore are not "free": each gets its own answer and exit 3.
     agent.kv_put("plain", b"some data").await;
     let o = status(&agent, &agent.key("plain"), false);
-    assert_eq!(o.status.code(), Some(1));
-    assert!(text(&o).contains("not a lock"), "{}", text(&o));
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    assert!(
+        text(&o).contains("not a lock: the key holds data"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(
+        json(&status(&agent, &agent.key("plain"), true))["state"],
+        "data"
+    );
+
+    // `consul lock -n 2 sem` writes `sem/.lock` with the semaphore flags and this value.
+    let holder = agent
+        .create_session(serde_json::json!({"Name": "sem"}))
+        .await;
+    let path = format!(
+        "{}?flags={}",
+        agent.kv_path("sem/.lock"),
+        16210313421097356768u64
+    );
+    let value = format!(r#"{{"Limit":2,"Holders":{{"{holder}":true}}}}"#);
+    assert!(agent.http().put(&path, value).await.expect_bool());
+    let o = status(&agent, &agent.key("sem/.lock"), false);
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    let t = text(&o);
+    assert!(t.contains("semaphore") && t.contains(&holder), "{t}");
+    let j = json(&status(&agent, &agent.key("sem/.lock"), true));
+    assert_eq!(
+        (j["state"].as_str(), j["limit"].as_u64()),
+        (Some("semaphore"), Some(2))
+    );
+    agent.destroy_session(&holder).await;
 }
 
 #[test]

@@ -16,7 +16,12 @@ use super::state::{CRITICAL, Check, NewCheck, PASSING, WARNING};
 pub const CONSUL_VERSION: &str = "1.21.0";
 const BUILD_DATE: &str = "2025-05-06T00:00:00Z";
 const SERF_LAN_PORT: u16 = 8301;
+const SERF_WAN_PORT: u16 = 8302;
 const SERVER_RPC_PORT: u16 = 8300;
+/// `consul agent -dev` serves gRPC (and so xDS) in plain text on 8502, and no gRPC TLS port.
+const GRPC_PORT: i32 = 8502;
+/// Envoy versions Consul 1.21 supports (`xdscommon.EnvoyVersions`), newest first.
+const ENVOY_VERSIONS: [&str; 4] = ["1.34.1", "1.33.2", "1.32.5", "1.31.8"];
 
 #[derive(Serialize)]
 #[serde(rename_all = "PascalCase")]
@@ -55,8 +60,145 @@ struct SelfResponse<'a> {
     debug_config: BTreeMap<String, Value>,
     coord: Option<()>,
     member: Member,
-    stats: BTreeMap<String, BTreeMap<String, String>>,
+    stats: BTreeMap<&'static str, BTreeMap<&'static str, String>>,
     meta: BTreeMap<String, String>,
+    /// Present when the agent serves xDS, which `-dev` does (its gRPC port is set).
+    #[serde(rename = "xDS")]
+    xds: Xds,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct Xds {
+    supported_proxies: BTreeMap<&'static str, [&'static str; 4]>,
+    /// The TLS port when there is one, else the plain-text one (deprecated by Consul for `Ports`).
+    port: i32,
+    ports: GrpcPorts,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct GrpcPorts {
+    plaintext: i32,
+    #[serde(rename = "TLS")]
+    tls: i32,
+}
+
+/// `Stats` of `/v1/agent/self`, section by section as a Consul server in `-dev` mode fills it:
+/// `consul`, `raft`, `serf_lan`, `serf_wan` and `runtime` from the server (agent/consul/server.go
+/// `Stats`), `agent` and `build` from the agent. Every value is a string, as in Consul.
+fn stats(ctx: &Ctx) -> BTreeMap<&'static str, BTreeMap<&'static str, String>> {
+    let c = &ctx.agent.config;
+    let (index, checks) = {
+        let store = ctx.agent.store();
+        (
+            store.raft_index(),
+            store.checks().filter(|c| c.ttl.is_some()).count(),
+        )
+    };
+    let section = |pairs: &[(&'static str, String)]| pairs.iter().cloned().collect();
+    let leader = leader_addr(ctx);
+    let serf = |members: usize| {
+        section(&[
+            ("coordinate_resets", "0".into()),
+            ("encrypted", "false".into()),
+            ("event_queue", "0".into()),
+            ("event_time", "1".into()),
+            ("failed", "0".into()),
+            ("health_score", "0".into()),
+            ("intent_queue", "0".into()),
+            ("left", "0".into()),
+            ("member_time", "1".into()),
+            ("members", members.to_string()),
+            ("query_queue", "0".into()),
+            ("query_time", "1".into()),
+        ])
+    };
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "x86" => "386",
+        other => other,
+    };
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut stats = BTreeMap::new();
+    stats.insert(
+        "agent",
+        section(&[
+            ("check_monitors", "0".into()),
+            ("check_ttls", checks.to_string()),
+            ("checks", checks.to_string()),
+            ("services", "0".into()),
+        ]),
+    );
+    stats.insert(
+        "build",
+        section(&[
+            ("prerelease", String::new()),
+            ("revision", "dev-agent".into()),
+            ("version", CONSUL_VERSION.into()),
+            ("version_metadata", String::new()),
+        ]),
+    );
+    stats.insert(
+        "consul",
+        section(&[
+            (
+                "acl",
+                if c.acl_token.is_some() {
+                    "enabled"
+                } else {
+                    "disabled"
+                }
+                .into(),
+            ),
+            ("bootstrap", "true".into()),
+            ("known_datacenters", "1".into()),
+            ("leader", "true".into()),
+            ("leader_addr", leader.clone()),
+            ("server", "true".into()),
+        ]),
+    );
+    stats.insert(
+        "raft",
+        section(&[
+            ("applied_index", index.to_string()),
+            ("commit_index", index.to_string()),
+            ("fsm_pending", "0".into()),
+            ("last_contact", "0".into()),
+            ("last_log_index", index.to_string()),
+            ("last_log_term", "2".into()),
+            ("last_snapshot_index", "0".into()),
+            ("last_snapshot_term", "0".into()),
+            (
+                "latest_configuration",
+                format!("[{{Suffrage:Voter ID:{} Address:{leader}}}]", c.node_id),
+            ),
+            ("latest_configuration_index", "0".into()),
+            ("num_peers", "0".into()),
+            ("protocol_version", "3".into()),
+            ("protocol_version_max", "3".into()),
+            ("protocol_version_min", "0".into()),
+            ("snapshot_version_max", "1".into()),
+            ("snapshot_version_min", "0".into()),
+            ("state", "Leader".into()),
+            ("term", "2".into()),
+        ]),
+    );
+    stats.insert(
+        "runtime",
+        section(&[
+            ("arch", arch.into()),
+            ("cpu_count", cpus.to_string()),
+            ("goroutines", "0".into()),
+            ("max_procs", cpus.to_string()),
+            ("os", std::env::consts::OS.into()),
+            ("version", "consul-leader dev-agent (Rust)".into()),
+        ]),
+    );
+    stats.insert("serf_lan", serf(1));
+    stats.insert("serf_wan", serf(1));
+    stats
 }
 
 /// The agent's address as peers would see it: the listen IP, or loopback when bound to all or
@@ -71,6 +213,22 @@ fn advertise_ip(ctx: &Ctx) -> String {
     } else {
         ip.to_string()
     }
+}
+
+/// The raft leader's address: this agent's, as `/v1/status/leader` and `Stats.consul` say.
+fn leader_addr(ctx: &Ctx) -> String {
+    format!("{}:{SERVER_RPC_PORT}", advertise_ip(ctx))
+}
+
+/// This agent as a member of the WAN pool, where Consul names servers `<node>.<datacenter>`
+/// and gossips on the WAN serf port.
+fn wan_member(ctx: &Ctx) -> Member {
+    let c = &ctx.agent.config;
+    let mut m = member(ctx);
+    m.name = format!("{}.{}", c.node, c.datacenter);
+    m.port = SERF_WAN_PORT;
+    m.tags.remove("segment");
+    m
 }
 
 fn member(ctx: &Ctx) -> Member {
@@ -120,26 +278,48 @@ pub fn agent_self(ctx: &mut Ctx) -> Result<Resp, ApiError> {
         debug_config: BTreeMap::new(),
         coord: None,
         member: member(ctx),
-        stats: BTreeMap::new(),
+        stats: stats(ctx),
         meta: BTreeMap::new(),
+        xds: Xds {
+            supported_proxies: BTreeMap::from([("envoy", ENVOY_VERSIONS)]),
+            port: GRPC_PORT,
+            ports: GrpcPorts {
+                plaintext: GRPC_PORT,
+                tls: -1,
+            },
+        },
     };
     Ok(ctx.json(&body))
 }
 
+/// `?wan=<anything non-empty>` lists the WAN pool (a bare `?wan` is the LAN, as in Consul, which
+/// reads the parameter's value here, not its presence). Members the token may not `node:read`
+/// are left out rather than refused; an unknown token is refused.
 pub fn members(ctx: &mut Ctx) -> Result<Resp, ApiError> {
-    ctx.authorize("node", "read", &ctx.agent.config.node)?;
-    Ok(ctx.json(&[member(ctx)]))
+    let wan = !ctx.query.get("wan").is_empty();
+    let segment = ctx.query.get("segment");
+    if wan && !segment.is_empty() && segment != "_all" {
+        return Err(ApiError::bad_request(
+            "Cannot provide a segment with wan=true",
+        ));
+    }
+    ctx.resolve_token()?;
+    if !ctx.is_privileged() {
+        return Ok(ctx.json::<[Member]>(&[]));
+    }
+    let me = if wan { wan_member(ctx) } else { member(ctx) };
+    Ok(ctx.json(&[me]))
 }
 
 /// Status endpoints carry no ACL check in Consul; only `?dc=` matters.
 pub fn status_leader(ctx: &mut Ctx) -> Result<Resp, ApiError> {
     ctx.check_dc()?;
-    Ok(ctx.json(&format!("{}:{SERVER_RPC_PORT}", advertise_ip(ctx))))
+    Ok(ctx.json(&leader_addr(ctx)))
 }
 
 pub fn status_peers(ctx: &mut Ctx) -> Result<Resp, ApiError> {
     ctx.check_dc()?;
-    Ok(ctx.json(&[format!("{}:{SERVER_RPC_PORT}", advertise_ip(ctx))]))
+    Ok(ctx.json(&[leader_addr(ctx)]))
 }
 
 /// A check as `/v1/agent/checks` shows it (`structs.HealthCheck`, CE field order).
@@ -266,19 +446,27 @@ fn valid_status(s: &str) -> bool {
     matches!(s, PASSING | WARNING | CRITICAL)
 }
 
+/// In Consul's order (agent/agent_endpoint.go `AgentRegisterCheck`): the namespace, the body's
+/// decoding (durations included), the name, the status, then the token is resolved (an unknown
+/// one is 403 before anything about the check's type), the type, the service, and last the
+/// permission to write the node.
 pub async fn check_register(ctx: &mut Ctx) -> Result<Resp, ApiError> {
+    ctx.reject_enterprise_meta()?;
     let o = body_object(ctx).await?;
     let name = str_field(&o, &["Name"])?;
+    let status = str_field(&o, &["Status"])?;
+    let notes = str_field(&o, &["Notes"])?;
+    let id = str_field(&o, &["ID", "CheckID", "check_id"])?;
+    let service_id = str_field(&o, &["ServiceID", "service_id"])?;
+    let ttl = duration_field(&o, &["TTL"])?;
+    let interval = duration_field(&o, &["Interval"])?;
     if name.is_empty() {
         return Err(ApiError::bad_request("Missing check name"));
     }
-    let status = str_field(&o, &["Status"])?;
     if !status.is_empty() && !valid_status(&status) {
         return Err(ApiError::bad_request("Bad check status"));
     }
-    ctx.reject_enterprise_meta()?;
-    let ttl = duration_field(&o, &["TTL"])?;
-    let interval = duration_field(&o, &["Interval"])?;
+    ctx.resolve_token()?;
     let interval_kind = ["HTTP", "TCP", "UDP", "GRPC", "H2PING", "OSService"]
         .iter()
         .any(|f| !str_field(&o, &[f]).unwrap_or_default().is_empty())
@@ -301,7 +489,6 @@ pub async fn check_register(ctx: &mut Ctx) -> Result<Resp, ApiError> {
         // The dev agent runs no probes; a check it would never update would be a lie.
         return Err(invalid("the dev agent supports only TTL checks"));
     }
-    let service_id = str_field(&o, &["ServiceID", "service_id"])?;
     if !service_id.is_empty() {
         return Err(ApiError::not_found(format!(
             "ServiceID {} does not exist",
@@ -309,7 +496,6 @@ pub async fn check_register(ctx: &mut Ctx) -> Result<Resp, ApiError> {
         )));
     }
     ctx.authorize("node", "write", &ctx.agent.config.node)?;
-    let id = str_field(&o, &["ID", "CheckID", "check_id"])?;
     let def = NewCheck {
         id: if id.is_empty() { name.clone() } else { id },
         name,
@@ -318,7 +504,7 @@ pub async fn check_register(ctx: &mut Ctx) -> Result<Resp, ApiError> {
         } else {
             status
         },
-        notes: str_field(&o, &["Notes"])?,
+        notes,
         service_id,
         ttl,
     };

@@ -46,6 +46,8 @@ pub struct Config {
     pub session_ttl_min: gofmt::GoDuration,
     /// With a token, the agent is default-deny and this is the only secret that works.
     pub acl_token: Option<String>,
+    /// How long a write waits before it is applied (`--commit-latency`; zero by default).
+    pub commit_latency: std::time::Duration,
 }
 
 /// Shared by every connection and by the timer task.
@@ -101,6 +103,7 @@ pub fn main(args: DevAgentArgs) -> ExitCode {
         datacenter: args.datacenter.clone(),
         session_ttl_min: i64::try_from(args.session_ttl_min.as_nanos()).unwrap_or(i64::MAX),
         acl_token: args.acl_token.clone().filter(|t| !t.is_empty()),
+        commit_latency: args.commit_latency,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -258,6 +258,11 @@ impl Store {
         s
     }
 
+    /// The raft index of the last write (what Consul's raft stats call the last log index).
+    pub fn raft_index(&self) -> u64 {
+        self.index
+    }
+
     fn next_index(&mut self) -> u64 {
         self.index += 1;
         self.index

@@ -11,23 +11,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
-use tokio::task::JoinSet;
-use tokio::time::{Instant, sleep, sleep_until};
+use tokio::time::{Instant, sleep};
 use tracing::{debug, info, warn};
 
-use super::{AbortOnDrop, ContendEnd, OpenError, Protocol, Renewal, SessionEnd, Verdict};
+use super::session::{self, Errors, MAX_BLOCK, next_index};
+use super::{AbortOnDrop, ContendEnd, OpenError, Protocol, Renewal, Verdict};
 use crate::clock::BootTime;
 use crate::config::RunConfig;
-use crate::consul::{Client, ConsulError, ConsulIndex, ReadOpts, SessionId, SessionRequest};
-use crate::election::{self, Fence, FreeWatch, HolderValue, KeyView, PreviousTerm};
+use crate::consul::{Client, ConsulError, ConsulIndex, ReadOpts, SessionId};
+use crate::election::{self, FreeWatch, HolderValue, KeyView, PreviousTerm};
 use crate::notify;
-use crate::wire::LOCK_FLAG_VALUE;
-
-/// At most this many renews in flight at once (one regular, the rest hedges).
-const MAX_RENEWS_IN_FLIGHT: usize = 5;
-
-/// The longest a contender blocks in one read.
-const MAX_BLOCK: Duration = Duration::from_secs(300);
+use crate::wire::{LOCK_FLAG_VALUE, SEMAPHORE_FLAG_VALUE};
 
 /// One session's life.
 pub struct Term {
@@ -80,6 +74,8 @@ pub struct ConsulMutex {
     cfg: RunConfig,
     /// This process's previous term, once one ended (election's module docs, 7).
     previous: Option<PreviousTerm>,
+    /// Whether the first contention checked that no semaphore runs under the key.
+    prefix_checked: std::cell::Cell<bool>,
 }
 
 impl ConsulMutex {
@@ -88,21 +84,29 @@ impl ConsulMutex {
             client,
             cfg,
             previous: None,
+            prefix_checked: std::cell::Cell::new(false),
         }
     }
 
-    fn session_request(&self) -> SessionRequest {
-        let mut checks = Vec::new();
-        if self.cfg.node_check {
-            checks.push("serfHealth".to_string());
+    /// `--limit 1 --key K` locks K itself, while `--limit N --key K` (and `consul lock -n`) keep
+    /// their semaphore in `K/.lock`: the two would not exclude each other, and a fleet half-way
+    /// through a change of `--limit` could run N + 1 commands. Refuse when `K/.lock` holds a
+    /// semaphore. Checked once, at the first contention: it costs a read.
+    async fn refuse_a_semaphore_under_the_key(&self) -> Result<(), ContendEnd> {
+        if self.prefix_checked.replace(true) {
+            return Ok(());
         }
-        checks.extend(self.cfg.checks.iter().cloned());
-        SessionRequest::new(
-            self.cfg.session_name.clone(),
-            self.cfg.ttl,
-            self.cfg.lock_delay,
-            checks,
-        )
+        let lock = format!("{}/.lock", self.cfg.key);
+        match self.client.kv_get(&lock, ReadOpts::default()).await {
+            Ok((Some(e), _)) if e.flags == SEMAPHORE_FLAG_VALUE => Err(ContendEnd::Fatal(format!(
+                "{lock} holds a semaphore (run --limit N, or consul lock -n), which a lock on {} \
+                 would not exclude; use the same --limit on every host of this key",
+                self.cfg.key
+            ))),
+            // Anything else, errors included: the contention that follows reads the key itself
+            // and handles its errors.
+            _ => Ok(()),
+        }
     }
 
     /// Releases the key, writing `value` back, marked clean when `clean` (election's module
@@ -173,35 +177,23 @@ impl Protocol for ConsulMutex {
     type Term = Term;
     type Won = Won;
 
-    /// One attempt to create a session; on success the term's renewer runs. An attempt takes
-    /// at most the client's short timeout.
+    /// One attempt to create a session; on success the term's renewer runs.
     async fn open(&self) -> Result<Term, OpenError> {
-        let sent = BootTime::now();
-        let session = self
-            .client
-            .session_create(&self.session_request())
-            .await
-            .map_err(|e| OpenError {
-                message: format!("cannot create a Consul session: {}", session_hint(&e)),
-                transient: e.is_transient(),
-                unreachable: matches!(e, ConsulError::Unreachable { .. } | ConsulError::Tls { .. }),
-            })?;
-        debug!("created session {session}");
-        let (tx, rx) = watch::channel(Renewal {
-            last_ok_sent: sent,
-            end: None,
-        });
-        let renewer = tokio::spawn(keep_session(
-            self.client.clone(),
-            session.clone(),
+        let session::Opened {
+            id,
+            renewals,
+            renewer,
+        } = session::open(
+            &self.client,
+            &session::request(&self.cfg),
             self.cfg.ttl,
             self.cfg.grace,
-            tx,
-        ));
+        )
+        .await?;
         Ok(Term {
-            session,
-            renewals: rx,
-            _renewer: AbortOnDrop(renewer),
+            session: id,
+            renewals,
+            _renewer: renewer,
             in_flight: None,
             free_watch: FreeWatch::default(),
         })
@@ -209,31 +201,9 @@ impl Protocol for ConsulMutex {
 
     /// Ends a term: destroys its session (trying up to `attempts` times).
     async fn close(&self, term: Term, attempts: u32) {
-        let session = term.session.clone();
+        let id = term.session.clone();
         drop(term); // stops the renewer first
-        for attempt in 0..attempts {
-            match self.client.session_destroy(&session).await {
-                Ok(()) => {
-                    debug!("destroyed session {session}");
-                    return;
-                }
-                Err(e) if e.is_transient() && attempt + 1 < attempts => {
-                    sleep(election::backoff(
-                        attempt,
-                        Duration::from_millis(200),
-                        Duration::from_secs(1),
-                    ))
-                    .await;
-                }
-                Err(e) => {
-                    warn!(
-                        "cannot destroy session {session}: {e}; Consul will expire it after at most {}",
-                        humantime::format_duration(self.cfg.ttl * 2)
-                    );
-                    return;
-                }
-            }
-        }
+        session::destroy(&self.client, &id, attempts, self.cfg.ttl).await;
     }
 
     /// Contends for the key until we hold it, the wait runs out, the session ends, or something
@@ -251,6 +221,7 @@ impl Protocol for ConsulMutex {
         let expired = |d: Option<Instant>| d.is_some_and(|d| Instant::now() >= d);
         // While a previous holder has priority: read no longer than until it ends.
         let mut priority_ends: Option<Instant> = None;
+        self.refuse_a_semaphore_under_the_key().await?;
         loop {
             if term.renewals.borrow().end.is_some() {
                 return Err(ContendEnd::SessionGone);
@@ -446,6 +417,30 @@ impl Protocol for ConsulMutex {
     }
     /// After a contention was cut short (a stop signal, a definitive error): if an acquire may
     /// have gone through, let go of the key, marked clean only when no wait was owed any more.
+    async fn busy(&self) -> Option<String> {
+        let (entry, _) = self
+            .client
+            .kv_get(&self.cfg.key, ReadOpts::default())
+            .await
+            .ok()?;
+        // No session of ours exists yet: any session in the key is another's.
+        let view = election::classify(entry.as_ref(), &SessionId(String::new()));
+        match view {
+            KeyView::Held { session, holder } => Some(format!(
+                "held by {}",
+                election::describe_holder(&session, holder.as_deref())
+            )),
+            KeyView::Free { .. } => {
+                let mut watch = FreeWatch::default();
+                watch.observe(&view, &self.cfg.timing(), None, BootTime::now());
+                watch
+                    .priority(&self.cfg.id, self.cfg.priority_window)
+                    .map(|(_, by)| format!("its previous holder {by} has priority"))
+            }
+            _ => None,
+        }
+    }
+
     fn remember(&mut self, previous: PreviousTerm) {
         self.previous = Some(previous);
     }
@@ -457,156 +452,6 @@ impl Protocol for ConsulMutex {
                 BootTime::now(),
             );
             self.release_value(term, &value, clean).await;
-        }
-    }
-}
-
-/// What to add to a failed session create so that the operator knows what to change.
-fn session_hint(e: &ConsulError) -> String {
-    match e {
-        ConsulError::Status { body, .. } if body.contains("Session TTL") => {
-            format!("{e}; the agent's session_ttl_min is larger than --ttl, raise --ttl")
-        }
-        ConsulError::Status { body, .. } if body.contains("Missing check") => format!(
-            "{e}; check the --check IDs, or pass --no-node-check if the node has no serfHealth"
-        ),
-        ConsulError::Status { body, .. } if body.contains("critical") => format!(
-            "{e}; Consul binds no failing check to a session: make the check pass, or leave it out \
-             (--check, --no-node-check)"
-        ),
-        _ => e.to_string(),
-    }
-}
-
-/// The next index to block on after a read answered `new` (Consul's blocking-query rules): an
-/// index that goes backwards (an agent that restarted and lost its state, a restored snapshot)
-/// resets the watch to 0, which reads at once; 0 itself is never blocked on.
-fn next_index(old: ConsulIndex, new: ConsulIndex) -> ConsulIndex {
-    if new < old {
-        ConsulIndex(0)
-    } else if new.0 == 0 {
-        ConsulIndex(1)
-    } else {
-        new
-    }
-}
-
-/// Failures of one kind of request in a row: the first is logged, the rest only at debug level;
-/// each retry waits a jittered, growing pause.
-struct Errors {
-    what: String,
-    attempt: u32,
-}
-
-impl Errors {
-    fn new(what: String) -> Self {
-        Self { what, attempt: 0 }
-    }
-
-    fn ok(&mut self) {
-        if self.attempt > 0 {
-            info!("{} works again", self.what.trim_start_matches("cannot "));
-        }
-        self.attempt = 0;
-    }
-
-    async fn retry(&mut self, e: &ConsulError) {
-        if self.attempt == 0 {
-            warn!("{}: {e}; retrying", self.what);
-        } else {
-            debug!("{}: {e}; retrying", self.what);
-        }
-        let pause = election::backoff(
-            self.attempt,
-            Duration::from_millis(200),
-            Duration::from_secs(5),
-        );
-        self.attempt += 1;
-        sleep(pause).await;
-    }
-}
-
-/// Renews the session every TTL/3 and publishes each success (by its send time) or the session's
-/// end. A renew is given as long as its success could still help (until the fence it would buy
-/// has passed), and while one is outstanding another is sent, on a fresh connection, every
-/// TTL/10 (at most [`MAX_RENEWS_IN_FLIGHT`] at once): a slow agent costs no false loss while its
-/// answers come within `T - g - m - max(T/10, latency/5)`, about half the TTL with the defaults.
-/// Transient errors are retried with backoff and are not a loss by themselves: the leader's fence
-/// decides that.
-async fn keep_session(
-    client: Arc<Client>,
-    session: SessionId,
-    ttl: Duration,
-    grace: Duration,
-    tx: watch::Sender<Renewal>,
-) {
-    let period = ttl / 3;
-    let hedge = (ttl / 10).clamp(Duration::from_millis(100), Duration::from_secs(2));
-    let first = tx.borrow().last_ok_sent;
-    // A renew sent at S buys the fence S + (T - g - m); past that its answer is useless.
-    let useful = {
-        let f = Fence::after_renew(first, ttl, grace);
-        f.stop_at
-            .saturating_duration_since(first)
-            .max(Duration::from_millis(100))
-    };
-    let since_first = BootTime::now().saturating_duration_since(first);
-    let mut next = Instant::now() + period.saturating_sub(since_first);
-    let mut last_ok = first;
-    let mut failures = 0u32;
-    let mut in_flight: JoinSet<(BootTime, Instant, Result<bool, ConsulError>)> = JoinSet::new();
-    loop {
-        tokio::select! {
-            () = sleep_until(next) => {
-                if in_flight.len() < MAX_RENEWS_IN_FLIGHT {
-                    let client = client.clone();
-                    let session = session.clone();
-                    in_flight.spawn(async move {
-                        let sent = BootTime::now();
-                        let sent_mono = Instant::now();
-                        let r = client.session_renew(&session, useful).await;
-                        (sent, sent_mono, r.map(|found| found.is_some()))
-                    });
-                }
-                // If this one is still out by then, hedge with another.
-                next = Instant::now() + hedge;
-            }
-            Some(done) = in_flight.join_next() => {
-                let Ok((sent, sent_mono, result)) = done else { continue };
-                match result {
-                    Ok(true) => {
-                        if failures > 0 {
-                            info!("session renew works again");
-                            failures = 0;
-                        }
-                        debug!("renewed session {session}");
-                        if sent > last_ok {
-                            last_ok = sent;
-                            tx.send_modify(|r| r.last_ok_sent = sent);
-                            next = sent_mono + period;
-                        }
-                    }
-                    Ok(false) => {
-                        tx.send_modify(|r| r.end = Some(SessionEnd::Gone));
-                        return;
-                    }
-                    Err(e) if !e.is_transient() => {
-                        tx.send_modify(|r| r.end = Some(SessionEnd::Fatal(e.to_string())));
-                        return;
-                    }
-                    Err(e) => {
-                        if failures == 0 {
-                            warn!("session renew failed: {e}; retrying");
-                        } else {
-                            debug!("session renew failed again: {e}");
-                        }
-                        let retry = Instant::now()
-                            + election::backoff(failures, Duration::from_millis(200), period / 2);
-                        failures += 1;
-                        next = next.min(retry);
-                    }
-                }
-            }
         }
     }
 }
@@ -668,20 +513,5 @@ async fn watch_key(
                 attempt += 1;
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn blocking_index_follows_consuls_rules() {
-        let i = ConsulIndex;
-        assert_eq!(next_index(i(5), i(9)), i(9));
-        assert_eq!(next_index(i(9), i(9)), i(9));
-        // Backwards (state lost): start over with a read that answers at once.
-        assert_eq!(next_index(i(9), i(3)), i(0));
-        assert_eq!(next_index(i(0), i(0)), i(1));
     }
 }

@@ -7,12 +7,16 @@
 //! success as a [`Renewal`], from which `election::Fence` derives the leader's deadlines.
 //!
 //! [`Protocol`] is the seam: `app` is generic over it, and each protocol lives in its own module
-//! with its pure rules in `election` (or beside it), unit-tested. Two protocols: Consul's mutex
-//! in the layout of Go's `api.Lock` ([`consul`]), and etcd's mutex in the layout of etcd's
+//! with its pure rules in `election` (or beside it), unit-tested. Two protocols run on Consul:
+//! the mutex in the layout of Go's `api.Lock` ([`consul`], `--limit 1`) and the semaphore in the
+//! layout of `api.Semaphore` ([`semaphore`], `--limit N`); both live in sessions opened, renewed
+//! and destroyed by [`session`]. One runs on etcd: etcd's mutex in the layout of its
 //! `concurrency` package and `etcdctl lock` ([`etcd`]), where a term is a lease.
 
 pub mod consul;
 pub mod etcd;
+pub mod semaphore;
+pub mod session;
 
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -50,6 +54,14 @@ pub trait Protocol {
 
     /// After a contention was cut short: lets go of a lock an acquire may have taken.
     async fn abandon(&self, term: &mut Self::Term);
+
+    /// One read that tells, without opening a term, that the lock is certainly not to be had
+    /// now: `Some(why)` (held, or another holder has priority). For `--wait 0`, so that the
+    /// usual cron case writes nothing to the engine. `None` when it may be free, or on any
+    /// error (the full path then reports it).
+    async fn busy(&self) -> Option<String> {
+        None
+    }
 
     /// Remembers this process's previous term after a loss, for the next contention
     /// (`election::PreviousTerm`). Protocols that cannot use it ignore it.

@@ -234,6 +234,25 @@ pub fn overlaps(lives: &[(u32, u64, Option<u64>)]) -> Vec<String> {
     found
 }
 
+/// The most lifetimes that overlap at one moment, and the pids alive then (a semaphore of limit N
+/// must never show more than N).
+pub fn most_at_once(lives: &[(u32, u64, Option<u64>)]) -> (usize, Vec<u32>) {
+    let mut best = (0, Vec::new());
+    for a in lives {
+        // Every overlap contains the start of one of its lifetimes.
+        let at = a.1;
+        let alive: Vec<u32> = lives
+            .iter()
+            .filter(|b| b.1 <= at && at < b.2.unwrap_or(u64::MAX))
+            .map(|b| b.0)
+            .collect();
+        if alive.len() > best.0 {
+            best = (alive.len(), alive);
+        }
+    }
+    best
+}
+
 /// Pids of live (not zombie) processes whose environment holds `MARKER_ENV=marker`, except the
 /// wrappers this test process started itself (their `Proc` owns and reaps them): what is left is
 /// what the wrappers started, which no wrapper may leave behind.
@@ -266,11 +285,24 @@ pub fn marked_processes(marker: &str) -> Vec<u32> {
     pids
 }
 
+/// The wrapper that started `child`: the parent of the child's keeper (`supervisor`'s module
+/// docs: wrapper -> keeper -> command).
+pub fn wrapper_of(child: u32) -> Option<u32> {
+    parent(parent(child)?)
+}
+
 /// The parent of `pid`, from `/proc/<pid>/stat`.
 pub fn parent(pid: u32) -> Option<u32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let (_, rest) = stat.rsplit_once(')')?;
     rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The state letter of `pid` (`R`, `S`, `T` for stopped, `Z`...), from `/proc/<pid>/stat`.
+pub fn state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.trim_start().chars().next()
 }
 
 fn is_zombie(pid: u32) -> bool {
@@ -360,6 +392,12 @@ impl<'a> WrapperBuilder<'a> {
     }
 
     pub fn spawn(self) -> Proc {
+        Proc::spawn(self.into_command())
+    }
+
+    /// The wrapper's command line and environment, to spawn with settings of the caller's own
+    /// (a controlling terminal, say).
+    pub fn into_command(self) -> Command {
         let mut cmd = Command::new(bin_path());
         cmd.arg("run")
             .arg("--key")
@@ -376,10 +414,15 @@ impl<'a> WrapperBuilder<'a> {
             .env_remove("CONSUL_HTTP_TOKEN")
             .env_remove("CONSUL_HTTP_TOKEN_FILE")
             .env_remove("CONSUL_LEADER_LOG");
+        if !DevAgent::is_real() {
+            // Test agents lower their session_ttl_min to 1s, and the tests use TTLs below
+            // Consul's 10s minimum, which the wrapper refuses unless told the agent's minimum.
+            cmd.env("CONSUL_LEADER_TTL_MIN", "1s");
+        }
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
-        Proc::spawn(cmd)
+        cmd
     }
 }
 

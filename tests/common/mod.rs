@@ -33,6 +33,7 @@ use serde_json::{Value, json};
 pub mod etcd;
 pub mod leader;
 pub mod proxy;
+pub mod semaphore;
 
 /// The environment variable that points the suite at a real Consul agent (`host:port` or
 /// `http://host:port`) instead of a dev agent of our own.
@@ -503,6 +504,48 @@ impl DevAgent {
 
     pub fn proc_mut(&mut self) -> Option<&mut Proc> {
         self.proc.as_mut()
+    }
+
+    /// Restarts this test's local dev agent on the same address with empty state, the way an
+    /// agent that lost its data comes back (a crash of an agent without persistence, a wiped data
+    /// directory): the old process is SIGKILLed and reaped, then `dev-agent` starts again with
+    /// `builder`'s options (for example a different [`DevAgentBuilder::acl_token`]) on the same
+    /// port, so clients, proxies and wrappers keep their address. Its indexes start over. Returns
+    /// once the new agent accepts connections; a port taken meanwhile is retried until
+    /// [`START_DEADLINE`]. Panics for a real agent (`CONSUL_LEADER_TEST_ADDR`), which a test
+    /// cannot restart.
+    pub fn restart(&mut self, builder: DevAgentBuilder) {
+        let old = self
+            .proc
+            .as_mut()
+            .unwrap_or_else(|| panic!("cannot restart the real agent at {}", self.addr));
+        old.signal(Signal::SIGKILL);
+        old.wait_exit(STOP_GRACE)
+            .unwrap_or_else(|| panic!("the dev agent did not die of SIGKILL"));
+        let end = Instant::now() + START_DEADLINE;
+        loop {
+            let mut cmd = Command::new(bin_path());
+            cmd.args(builder.args(&self.addr));
+            cmd.env_remove(TEST_ADDR_ENV);
+            let mut proc = Proc::spawn(cmd);
+            let left = end.saturating_duration_since(Instant::now());
+            match proc.wait_stdout_line(left, parse_listening_line) {
+                Some(addr) => {
+                    assert_eq!(addr.to_string(), self.addr, "restarted on another address");
+                    self.proc = Some(proc);
+                    break;
+                }
+                // It could not listen (the port was taken in between): try again.
+                None if Instant::now() < end => thread::sleep(POLL_INTERVAL),
+                None => panic!(
+                    "the dev agent did not come back on {} within {START_DEADLINE:?}\n{}",
+                    self.addr,
+                    proc.output_report()
+                ),
+            }
+        }
+        // Pooled connections went to the old process.
+        self.http = Http::new(&self.base);
     }
 
     /// The dev agent's pid, if this test started one.
