@@ -184,7 +184,7 @@ where
                     }
                 };
                 match op(one).await {
-                    Err(e) if e.is_unreachable() => last = e,
+                    Err(e) if e.is_transient() => last = e,
                     other => return other,
                 }
             }
