@@ -377,6 +377,8 @@ impl<P: Protocol> Leader<P> {
 
     /// One term with a live session: contend, then lead.
     async fn term(&mut self, term: &mut P::Term, deadline: Option<Instant>) -> TermEnd {
+        // The keeper's exec is paid while contending, not between the win and the command.
+        self.supervisor.prepare(&env_remove());
         let mut renewals = term.renewals();
         let contended = tokio::select! {
             r = self.lock.contend(term, deadline) => r,
@@ -720,22 +722,28 @@ impl<P: Protocol> Leader<P> {
             .into_iter()
             .chain(protocol_env)
             .collect(),
-            env_remove: [
-                "CONSUL_HTTP_TOKEN",
-                "CONSUL_HTTP_TOKEN_FILE",
-                // etcd credentials: ETCDCTL_USER may carry the password (NAME:PASSWORD).
-                "ETCDCTL_PASSWORD",
-                "ETCDCTL_USER",
-                "NOTIFY_SOCKET",
-                "WATCHDOG_USEC",
-                "WATCHDOG_PID",
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
+            env_remove: env_remove(),
             stop_signal: self.cfg.stop_signal,
         }
     }
+}
+
+/// Variables the command (and its keeper) must not inherit: the Consul token, etcd's credentials,
+/// and systemd's notification settings, which are the wrapper's.
+fn env_remove() -> Vec<String> {
+    [
+        "CONSUL_HTTP_TOKEN",
+        "CONSUL_HTTP_TOKEN_FILE",
+        // etcd credentials: ETCDCTL_USER may carry the password (NAME:PASSWORD).
+        "ETCDCTL_PASSWORD",
+        "ETCDCTL_USER",
+        "NOTIFY_SOCKET",
+        "WATCHDOG_USEC",
+        "WATCHDOG_PID",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
 }
 
 fn round_ms(d: Duration) -> Duration {

@@ -222,6 +222,11 @@ impl ChildExit {
     }
 }
 
+/// How a command ended, for log lines: "exited with code 0", or "still running".
+fn describe(status: Option<ChildExit>) -> String {
+    status.map_or_else(|| "still running".to_string(), |s| s.to_string())
+}
+
 impl fmt::Display for ChildExit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
@@ -280,6 +285,9 @@ pub struct Supervisor {
     /// The outcome of the last stop, returned again by a repeated stop.
     last: Option<StopOutcome>,
     warned_stop_signal: bool,
+    /// A keeper started ahead of time ([`Supervisor::prepare`]), waiting for what to run: the
+    /// exec of the keeper stays off the path from winning the lock to the command's start.
+    spare: Option<KeeperLink>,
 }
 
 /// The command between spawn and the end of its stop.
@@ -344,7 +352,23 @@ impl Supervisor {
             child: None,
             last: None,
             warned_stop_signal: false,
+            spare: None,
         })
+    }
+
+    /// Starts a keeper ahead of time, while the wrapper waits for the lock, so that
+    /// [`Supervisor::spawn`] only has to hand it the command: the exec of a fresh copy of the
+    /// binary (a few milliseconds) is then paid while standing by, not during a handover. It
+    /// waits on its pipe and exits when the pipe closes. Does nothing when one is ready or a
+    /// command runs; a failure here is only logged (spawn starts a keeper itself).
+    pub fn prepare(&mut self, env_remove: &[String]) {
+        if self.child.is_some() || self.spare.is_some() {
+            return;
+        }
+        match self.start_keeper(env_remove) {
+            Ok(link) => self.spare = Some(link),
+            Err(err) => tracing::debug!(%err, "cannot start a keeper ahead of time"),
+        }
     }
 
     /// Starts the keeper and, through it, the command under `fence`; returns the command's pid.
@@ -403,17 +427,42 @@ impl Supervisor {
             program: program.clone(),
             source,
         };
-        let mut link = self.start_keeper(&spec.env_remove).map_err(|err| {
-            other(io::Error::other(format!(
-                "cannot start the keeper process: {err}"
-            )))
-        })?;
-        let first = link
-            .to
-            .as_ref()
-            .ok_or_else(|| io::Error::other("no pipe"))
-            .and_then(|to| keeper::write_config(to, &config))
-            .and_then(|()| link.first_reply());
+        // The keeper started ahead of time, if it is still there to take the config.
+        let spare = self.spare.take().and_then(|mut link| {
+            let sent = link
+                .to
+                .as_ref()
+                .ok_or_else(|| io::Error::other("no pipe"))
+                .and_then(|to| keeper::write_config(to, &config));
+            match sent {
+                Ok(()) => Some(link),
+                Err(err) => {
+                    tracing::debug!(%err, "the keeper started ahead of time is gone; starting another");
+                    self.bury(&mut link);
+                    None
+                }
+            }
+        });
+        let (mut link, first) = match spare {
+            Some(mut link) => {
+                let first = link.first_reply();
+                (link, first)
+            }
+            None => {
+                let mut link = self.start_keeper(&spec.env_remove).map_err(|err| {
+                    other(io::Error::other(format!(
+                        "cannot start the keeper process: {err}"
+                    )))
+                })?;
+                let first = link
+                    .to
+                    .as_ref()
+                    .ok_or_else(|| io::Error::other("no pipe"))
+                    .and_then(|to| keeper::write_config(to, &config))
+                    .and_then(|()| link.first_reply());
+                (link, first)
+            }
+        };
         let (pid, in_cgroup) = match first {
             Ok(FromKeeper::Spawned { pid, cgroup }) => (Pid::from_raw(pid), cgroup),
             Ok(FromKeeper::SpawnFailed { errno }) => {
@@ -599,7 +648,8 @@ impl Supervisor {
         }
         tracing::debug!(
             pid = run.pid.as_raw(),
-            ?outcome,
+            status = %outcome.status.map_or("not started".to_string(), |s| s.to_string()),
+            killed = outcome.killed,
             "command stopped; nothing left"
         );
         self.last = Some(outcome);
@@ -715,7 +765,11 @@ impl Supervisor {
                 let _ = signal::kill(*pid, Signal::SIGKILL);
             }
             if Instant::now() >= warn_at {
-                tracing::warn!(pids = ?left, "processes survive SIGKILL; still waiting for them");
+                let pids: Vec<String> = left.iter().map(|p| p.to_string()).collect();
+                tracing::warn!(
+                    pids = %pids.join(" "),
+                    "processes survive SIGKILL (a hung filesystem?); still waiting for them"
+                );
                 warn_at = Instant::now() + STUCK_WARNING_EVERY;
             }
             self.next_sigchld(POLL).await;
@@ -767,7 +821,7 @@ impl Supervisor {
             match FromKeeper::decode(&frame) {
                 Some(FromKeeper::Exited { raw }) => {
                     run.status = run.status.or(ChildExit::from_wait_status(raw));
-                    tracing::debug!(pid = run.pid.as_raw(), status = ?run.status, "command exited");
+                    tracing::debug!(pid = run.pid.as_raw(), status = %describe(run.status), "command exited");
                 }
                 Some(FromKeeper::Fenced) => {
                     run.fenced = true;
@@ -778,7 +832,7 @@ impl Supervisor {
                 }
                 Some(FromKeeper::Suspended { sig }) => run.suspended = Some(sig),
                 Some(FromKeeper::Done { killed }) => run.done = Some(killed),
-                Some(other) => tracing::debug!(?other, "unexpected report from the keeper"),
+                Some(_) => tracing::debug!("unexpected report from the keeper"),
                 None => tracing::debug!("unreadable report from the keeper"),
             }
         }
@@ -854,7 +908,7 @@ impl Supervisor {
             }
             if pid == run.pid {
                 run.status = run.status.or(ChildExit::from_wait_status(raw));
-                tracing::debug!(pid = pid.as_raw(), status = ?run.status, "command reaped here");
+                tracing::debug!(pid = pid.as_raw(), status = %describe(run.status), "command reaped here");
                 return;
             }
         }
@@ -914,7 +968,7 @@ impl KeeperLink {
     fn send(&self, msg: ToKeeper) {
         let Some(to) = &self.to else { return };
         if let Err(err) = nix::unistd::write(to, &msg.encode()) {
-            tracing::debug!(%err, ?msg, "cannot write to the keeper");
+            tracing::debug!(%err, "cannot write to the keeper");
         }
     }
 

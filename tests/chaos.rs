@@ -2,8 +2,8 @@
 //! talking to a local dev agent through a [`FaultProxy`] of its own (so a black-hole hits one
 //! contender), while a seeded random sequence of faults hits whoever leads:
 //!
-//! * SIGKILL of the leading wrapper (the test then kills what left the child's process group,
-//!   as the service manager's cgroup kill would: see `supervisor`'s module docs);
+//! * SIGKILL of the leading wrapper: nobody helps; its keeper must stop the old child's whole
+//!   tree, escaped sessions and double-forked daemons included (`keeper`'s module docs);
 //! * SIGTERM of the leading wrapper (a clean handover);
 //! * `PUT /v1/session/destroy` of the leader's session;
 //! * a black-hole of random length on the leader's proxy, then healed: short ones must be
@@ -23,15 +23,23 @@
 //!   their blocking reads cut (on the leader's proxy for at most 600ms): nobody may give up;
 //! * a slow agent (issue 8, 6): each chunk through the leader's proxy held 100-350ms for 2-6s, so
 //!   a request takes at most 1.4s, within T/2: no loss.
+//! * SIGSTOP of the leading wrapper alone (issue 9, 1), while the standbys wait, then SIGCONT:
+//!   short (0.1-0.9s, well under its fence: it must keep leading), grey (0.9-3.5s: either) or
+//!   long (3.5-9s, about 3T: past the fence, its keeper must stop the child while the wrapper is
+//!   still stopped).
 //!
 //! Children are configured at random per wrapper: some ignore SIGTERM (so stops need SIGKILL after
 //! the grace), some start grandchildren (one in the group that ignores TERM, one that calls
-//! `setsid`), and at most one wrapper at a time runs a child that exits with a code as soon as it
-//! is set up; half of those crash-loop: their wrapper restarts them (`--restart on-failure`) until
-//! its `--restart-limit` of 3 starts, then steps down with a clean release. Every wrapper has an
+//! `setsid`, a daemon that double-forks into a session of its own), and at most one wrapper at a
+//! time runs a child that exits with a code as soon as it is set up; half of those crash-loop:
+//! their wrapper restarts them (`--restart on-failure`) until its `--restart-limit` of 3 starts,
+//! then steps down with a clean release. About a third of the wrappers run without a cgroup for
+//! the command (`CONSUL_LEADER_CGROUP=off`), so that the keeper's walk of its own subtree alone
+//! has to find the tree; the others get one where the machine allows it. Every wrapper has an
 //! `--id` of its own, and about a third leave a key freed by a fault to its previous holder for a
-//! `--priority-window` of 2s (longer than the lock-delay, within the silence). Wrappers run with `--on-lost recontend`; a wrapper that ends (SIGKILL, SIGTERM, its
-//! child ended) is replaced, so there are always N contenders.
+//! `--priority-window` of 2s (longer than the lock-delay, within the silence). Wrappers run with
+//! `--on-lost recontend`; a wrapper that ends (SIGKILL, SIGTERM, its child ended) is replaced, so
+//! there are always N contenders.
 //!
 //! After every change of leader the checker asserts, from the fixture's journal, a [`DeathWatch`]
 //! and a watcher of its own on the key (blocking queries straight to the agent):
@@ -46,7 +54,10 @@
 //! * a wrapper that exited cleanly left no session behind.
 //!
 //! After every round every wrapper of the race must still be running: none may exit on a fault
-//! it should ride out (a 500, a restart).
+//! it should ride out (a 500, a restart, a pause), and every process of the test must belong to
+//! the leader's wrapper (its keeper, its child and what that started), or be a childless keeper
+//! that a standby started ahead of time: the test tidies nothing up, so a process left by an
+//! earlier leader (a daemon of a SIGKILLed wrapper's child, say) fails the run (issue 9, 5).
 //!
 //! At the end every wrapper is stopped with SIGTERM: each must exit by it, no process of the test
 //! may be left (`Fixture::wait_none_left`), no session may be left once the ones of SIGKILLed
@@ -54,11 +65,13 @@
 //!
 //! # Running
 //!
-//! * The short run, part of the normal suite (one of each of the 14 fault kinds, a minute or
-//!   two): `cargo test --test chaos`.
-//! * The long run, with a summary of faults, handovers and handover times:
+//! * The short run, part of the normal suite (one of each of the 17 fault kinds, 75 to 85s on
+//!   two shared cores): `cargo test --test chaos`.
+//! * The long run, with a summary of faults, handovers, handover times, how long SIGKILLed
+//!   wrappers' trees took to go and how soon after their last renew paused wrappers' children
+//!   were stopped:
 //!   `CONSUL_LEADER_CHAOS_ROUNDS=200 cargo test --release --test chaos -- --ignored --nocapture chaos_long`
-//!   (rounds default to 200, about 15 minutes: a round takes about 4s).
+//!   (rounds default to 200, about 15 minutes: a round takes about 4.5s).
 //! * Every run prints `chaos seed: N (replay with CONSUL_LEADER_CHAOS_SEED=N)` at the start and in
 //!   every failure. The seed fixes N, the children's configurations, the faults and their
 //!   lengths; which contender wins a race is up to the processes, so a replay follows the same
@@ -125,6 +138,43 @@
 //!   lost; between, either. 500 answers to the leader for up to 600ms are tolerated alike, and so
 //!   is a slow agent answering within T/2 = 1.5s: a renew is useful as long as it comes back
 //!   before the fence, whenever it was sent.
+//! * **a SIGKILLed wrapper's tree**: its keeper reads end of file on its pipe at once and runs the
+//!   stop sequence by itself: the stop signal and SIGCONT to the tree, SIGKILL g later (at the
+//!   fence's end if that is earlier), repeated every 50ms until nothing of its subtree (and cgroup)
+//!   is left, then it exits. Orphans re-parent to the keeper (a subreaper), never to init, so the
+//!   tree recorded just before the SIGKILL, the keeper (the old child's parent) and every process
+//!   below it, `setsid` sessions and double-forked daemons included, is gone within
+//!   g + 1s = 1.5s of the SIGKILL (a zombie counts as gone), and before the next child starts
+//!   (which is after the session expired, 2T after its last renew, and a silence). Nothing is
+//!   killed by the test: a survivor fails the stray check.
+//! * **a SIGSTOPped wrapper** (stopped at P, continued at C): let R be the send time of the last
+//!   renew whose answer the wrapper handled before P; it handed the keeper the fence that renew
+//!   bought, stop at R + T - g - m = R + 2.35s and gone by R + T - m = R + 2.85s, and can hand
+//!   it nothing newer while stopped. R is before that renew's log line, the last one before P
+//!   (the checker's `last renew`), and R >= P - 1s - (a round trip): renews go out every T/3.
+//!   - **short** (C - P <= 0.9s): once continued, the overdue renew goes out at once and its
+//!     answer (milliseconds) comes back before R + 2.35s >= P + 1.35s, 0.45s of margin: the same
+//!     child keeps running untouched (no stop signal) under the same session, which still holds
+//!     the key.
+//!   - **long** (C - P >= 3.5s): the keeper's fence passes while the wrapper is stopped, and the
+//!     child (grandchildren that ignore TERM included) is gone by R + 2.85s <= P + 2.85s, 0.65s
+//!     before the SIGCONT: just before it the wrapper is still in state T and the child is no
+//!     longer alive, and its end is by (last renew) + T (+ 250ms of `DeathWatch` polling).
+//!     Continued, the wrapper counts the lock lost (it logs it, the keeper having reported the
+//!     fence) and, with `--on-lost recontend`, contends again: it must neither exit nor release
+//!     the key marked clean (it destroys its session, one try).
+//!   - **grey** (between): either. A child that ended, or journalled its stop signal, before the
+//!     SIGCONT was stopped on the keeper's fence and is held to the long pause's bound; one
+//!     stopped later to P + T (+ 250ms): the wrapper may have handled a renew that it sent
+//!     before P once continued, so R <= P is all that is known then. When it keeps leading, it
+//!     still has one session, the same.
+//!   - whatever the length, the old child gets its stop signal at most once (exactly once when
+//!     leadership was lost, never when kept; journal `signal` lines): the keeper's stop at its
+//!     fence and the wrapper's own on waking only bring the SIGKILL forward. The key is freed, not
+//!     marked clean, by min(P + 2T, C) + 1.5s: the agent expires the session 2T after R <= P,
+//!     and a wrapper continued earlier destroys it at once; the old session is gone after the
+//!     handover and the wrapper holds at most one (its new term's). The handover has the unclean
+//!     bounds above, its whole change ending by min(P + 2T, C) + d + s + 3s.
 
 mod common;
 
@@ -137,7 +187,7 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use common::leader::{
     DEADLINE, DeathWatch, Event, Fixture, Timing, WrapperBuilder, lifetimes, lock_state, now_us,
-    overlaps, parent, pid_alive, sessions_for,
+    overlaps, parent, pid_alive, sessions_for, state,
 };
 use common::proxy::{FaultProxy, Mode};
 use common::{DevAgent, Http, Proc, skip};
@@ -150,7 +200,7 @@ use rand::{Rng, SeedableRng};
 const SEED_ENV: &str = "CONSUL_LEADER_CHAOS_SEED";
 const ROUNDS_ENV: &str = "CONSUL_LEADER_CHAOS_ROUNDS";
 /// Rounds of the short run: one deck, so each fault kind once; a minute or two.
-const SHORT_ROUNDS: usize = 14;
+const SHORT_ROUNDS: usize = 17;
 /// A crash-looping child is started this many times (`--restart-limit N/1m`) before its wrapper
 /// steps down.
 const RESTART_LIMIT: usize = 3;
@@ -188,6 +238,11 @@ const NO_LEADER_500: (u64, u64) = (500, 2_500);
 /// A slow agent: each chunk held this long (ms), so a request takes 2 to 4 times it, within T/2.
 const SLOW_DELAY: (u64, u64) = (100, 350);
 const SLOW_FOR: (u64, u64) = (2_000, 6_000);
+/// A wrapper stopped (SIGSTOP) this long (ms) is well within its fence and must keep leading,
+/// past it (its keeper must stop the child while the wrapper is still stopped), or between.
+const SHORT_STOP: (u64, u64) = (100, 900);
+const GREY_STOP: (u64, u64) = (900, 3_500);
+const LONG_STOP: (u64, u64) = (3_500, 9_000);
 /// What a restarting agent answers until it has a cluster leader.
 const NO_LEADER: &str = "rpc error making call: No cluster leader";
 
@@ -205,6 +260,8 @@ const DESTROY_FREE_MAX: Duration = Duration::from_secs(1);
 const DETECTION_MAX: Duration = Duration::from_millis(1_500);
 const TERM_STOP_MAX: Duration = Duration::from_millis(1_500);
 const MEASURE_SLACK: Duration = Duration::from_millis(250);
+/// A SIGKILLed wrapper's whole tree is gone within the grace plus this.
+const TREE_GONE_SLACK: Duration = Duration::from_secs(1);
 /// What a contender owes after finding the key missing: max(s, T), from its first sighting.
 const MISSING_OWES: Duration = Duration::from_secs(3);
 /// The wrapper's monotonic clock against the journal's realtime one.
@@ -334,6 +391,12 @@ enum Kind {
     NoLeader500,
     /// A slow agent on the leader's proxy, within T/2 a request.
     SlowAgent,
+    /// SIGSTOP of the leading wrapper alone, well within its fence: it must keep leading.
+    StopShort,
+    /// SIGSTOP of the leading wrapper alone, around its fence: it may keep leading or not.
+    StopGrey,
+    /// SIGSTOP of the leading wrapper alone, past its fence: its keeper stops the child.
+    StopLong,
     /// Not drawn: a child that exits by itself (`CL_CHILD_EXIT_CODE`) as soon as it leads.
     ChildExit,
 }
@@ -356,6 +419,9 @@ impl Kind {
             Kind::AgentRestart => "agent-restart",
             Kind::NoLeader500 => "no-leader-500",
             Kind::SlowAgent => "slow-agent",
+            Kind::StopShort => "sigstop-short",
+            Kind::StopGrey => "sigstop-grey",
+            Kind::StopLong => "sigstop-long",
             Kind::ChildExit => "child-exit",
         }
     }
@@ -405,6 +471,9 @@ struct ChildConf {
     /// `--priority-window`: this wrapper leaves a key freed by a fault to its previous holder
     /// for [`PRIORITY_WINDOW`].
     defers: bool,
+    /// `CONSUL_LEADER_CGROUP=off`: no cgroup for the command; the keeper's walk alone finds the
+    /// tree.
+    no_cgroup: bool,
 }
 
 impl ChildConf {
@@ -428,6 +497,9 @@ impl ChildConf {
         }
         if self.defers {
             parts.push(format!("--priority-window {PRIORITY_WINDOW:?}"));
+        }
+        if self.no_cgroup {
+            parts.push("no cgroup".to_string());
         }
         parts.join(", ")
     }
@@ -486,8 +558,15 @@ struct Stats {
     detection_us: Vec<u64>,
     /// Black-hole to the old child's end (the self-fence).
     fence_us: Vec<u64>,
-    /// Processes that left the group of a SIGKILLed wrapper's child, killed by the test.
-    escaped_killed: usize,
+    /// SIGKILL of the leading wrapper to the last process of its keeper's tree gone.
+    tree_gone_us: Vec<u64>,
+    /// Processes of those trees outside the child's process group (`setsid` sessions, daemons),
+    /// which only the keeper could find.
+    escaped_stopped: usize,
+    /// Pauses (SIGSTOP) during which the keeper began to stop the child (it was gone, or had its
+    /// stop signal, before the SIGCONT): the last renew logged before the pause to the child's
+    /// end (the keeper's fence).
+    paused_fence_us: Vec<u64>,
     wrappers: usize,
     /// Unclean handovers the old leader won back itself (its priority, or the race).
     returned: usize,
@@ -657,6 +736,68 @@ fn pgid(pid: u32) -> Option<u32> {
     rest.split_whitespace().nth(2)?.parse().ok()
 }
 
+/// A process's state letter and start time (clock ticks since boot), from `/proc/<pid>/stat`:
+/// with its pid, the start time names one process even if the pid is reused.
+fn state_and_start(pid: u32) -> Option<(char, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    // Fields 3 (the state) to 22 (the start time) of proc(5).
+    let start = fields.nth(18)?.parse().ok()?;
+    Some((state, start))
+}
+
+/// `root` and every process below it, each with its start time, from one scan of `/proc`.
+fn tree_of(root: u32) -> Vec<(u32, u64)> {
+    let mut children: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if let Some(pp) = parent(pid) {
+            children.entry(pp).or_default().push(pid);
+        }
+    }
+    let mut tree = Vec::new();
+    let mut todo = vec![root];
+    while let Some(pid) = todo.pop() {
+        if let Some((_, start)) = state_and_start(pid) {
+            tree.push((pid, start));
+        }
+        todo.extend(children.get(&pid).into_iter().flatten());
+    }
+    tree
+}
+
+/// Whether the process `pid` that started at `start` still runs (a zombie has ended).
+fn still_running(pid: u32, start: u64) -> bool {
+    state_and_start(pid).is_some_and(|(state, s)| s == start && !matches!(state, 'Z' | 'X'))
+}
+
+/// A process for a failure message: pid, parent, group and command line.
+fn describe_proc(p: u32) -> String {
+    let cmd = std::fs::read(format!("/proc/{p}/cmdline"))
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .unwrap_or_default();
+    format!(
+        "{p} (parent {:?}, group {:?}: {})",
+        parent(p),
+        pgid(p),
+        cmd.trim()
+    )
+}
+
+/// Whether `pid` runs `consul-leader __keeper` (`keeper::SUBCOMMAND`).
+fn is_keeper(pid: u32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .is_ok_and(|c| c.split(|b| *b == 0).nth(1) == Some(&b"__keeper"[..]))
+}
+
 fn descends_from(pid: u32, ancestor: u32) -> bool {
     let mut p = pid;
     for _ in 0..64 {
@@ -811,21 +952,30 @@ impl Chaos {
 
     fn random_conf(&mut self) -> ChildConf {
         let flapper_running = self.contenders.iter().any(|c| c.conf.exit_code.is_some());
-        let grandchildren = *["", "", "ignore-term", "ignore-term setsid"]
-            .choose(&mut self.rng)
-            .unwrap();
+        let grandchildren = *[
+            "",
+            "",
+            "ignore-term",
+            "ignore-term setsid",
+            "daemon",
+            "ignore-term setsid daemon",
+        ]
+        .choose(&mut self.rng)
+        .unwrap();
         let exits_on_term = self.rng.random_bool(0.6);
         let flapper = !flapper_running && self.rng.random_bool(0.2);
         // Exit codes below the wrapper's own (75, 76, 125-127), so the pass-through is plain.
         let exit_code = flapper.then(|| self.rng.random_range(1..=70));
         let crash_loops = flapper && self.rng.random_bool(0.5);
         let defers = self.rng.random_bool(0.3);
+        let no_cgroup = self.rng.random_bool(1.0 / 3.0);
         ChildConf {
             exits_on_term,
             grandchildren,
             exit_code,
             crash_loops,
             defers,
+            no_cgroup,
         }
     }
 
@@ -863,6 +1013,9 @@ impl Chaos {
                 "--priority-window",
                 &format!("{}ms", PRIORITY_WINDOW.as_millis()),
             );
+        }
+        if conf.no_cgroup {
+            b = b.env("CONSUL_LEADER_CGROUP", "off");
         }
         let proc = b.spawn();
         self.stats.wrappers += 1;
@@ -932,21 +1085,7 @@ impl Chaos {
         if blackholed {
             return;
         }
-        let agent = &self.agent;
-        let list = self.rt.block_on(agent.get("/v1/session/list"));
-        let suffix = format!(" pid {pid}");
-        let left: Vec<String> = list
-            .json()
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|s| {
-                s["Name"]
-                    .as_str()
-                    .is_some_and(|n| n.contains(&self.key) && n.ends_with(&suffix))
-            })
-            .map(|s| s.to_string())
-            .collect();
+        let left = self.sessions_of(pid);
         self.check(left.is_empty(), || {
             format!("wrapper #{id} (pid {pid}) exited cleanly but left sessions behind: {left:?}")
         });
@@ -1037,6 +1176,9 @@ impl Chaos {
                 Kind::AgentRestart,
                 Kind::NoLeader500,
                 Kind::SlowAgent,
+                Kind::StopShort,
+                Kind::StopGrey,
+                Kind::StopLong,
             ];
             self.deck.shuffle(&mut self.rng);
         }
@@ -1081,6 +1223,9 @@ impl Chaos {
                 Kind::AgentRestart => self.restart_agent(&leader),
                 Kind::NoLeader500 => self.no_leader_500(&leader),
                 Kind::SlowAgent => self.slow_agent(&leader),
+                Kind::StopShort => self.sigstop_wrapper(&leader, kind, SHORT_STOP),
+                Kind::StopGrey => self.sigstop_wrapper(&leader, kind, GREY_STOP),
+                Kind::StopLong => self.sigstop_wrapper(&leader, kind, LONG_STOP),
                 Kind::ChildExit => unreachable!("not drawn"),
             };
             self.check_overlaps();
@@ -1090,22 +1235,84 @@ impl Chaos {
         self.leader = Some(leader);
     }
 
+    /// SIGKILL of the leading wrapper. Nobody helps: its keeper must stop the old child's whole
+    /// tree (recorded just before the kill) within the grace plus a second, and before the next
+    /// child starts.
     fn kill_wrapper(&mut self, l: &Leader) -> Leader {
-        self.note(format!("fault: SIGKILL wrapper #{}", l.owner));
+        // The keeper is the child's parent and the wrapper's child (`supervisor`'s module docs).
+        let keeper = parent(l.child).unwrap_or_else(|| {
+            self.fail(format!(
+                "child {} of wrapper #{} has no parent",
+                l.child, l.owner
+            ))
+        });
+        self.check(parent(keeper) == Some(l.wrapper_pid), || {
+            format!(
+                "child {}'s parent {} is not a child of its wrapper #{} (pid {})",
+                l.child,
+                describe_proc(keeper),
+                l.owner,
+                l.wrapper_pid
+            )
+        });
+        let tree = tree_of(keeper);
+        let escaped = tree
+            .iter()
+            .filter(|(p, _)| *p != keeper && pgid(*p) != Some(l.child))
+            .count();
+        self.note(format!(
+            "fault: SIGKILL wrapper #{} (its keeper {keeper} has {} processes below it, {escaped} \
+             of them outside the child's group)",
+            l.owner,
+            tree.len() - 1
+        ));
         let i = self.index_of(l.owner);
         self.contenders[i].proc.signal(Signal::SIGKILL);
         let fault_us = now_us();
-        // What left the child's process group is out of the wrapper's reach once it is
-        // SIGKILLed; under systemd the cgroup kill takes it. Do the same; the group itself is
-        // the wrapper's guard's job, which the stray check holds it to.
-        for pid in self.fx.live() {
-            if proc_env(pid, "CONSUL_LEADER_SESSION").as_deref() == Some(l.session.as_str())
-                && pgid(pid) != Some(l.child)
-            {
-                let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
-                self.stats.escaped_killed += 1;
+        // Polled until nothing of the tree runs; a survivor past the bound, or a new child while
+        // anything of it runs, fails at once.
+        let bound = GRACE + TREE_GONE_SLACK;
+        let gone_us = loop {
+            let left: Vec<u32> = tree
+                .iter()
+                .filter(|(p, start)| still_running(*p, *start))
+                .map(|(p, _)| *p)
+                .collect();
+            let now = now_us();
+            if left.is_empty() {
+                break now;
             }
-        }
+            let describe = || left.iter().map(|p| describe_proc(*p)).collect::<Vec<_>>();
+            let next = self.main_starts().get(l.nth + 1).cloned();
+            if let Some(next) = next {
+                self.fail(format!(
+                    "child {} started {} after the SIGKILL of wrapper #{}, while its tree still \
+                     runs: {:?}",
+                    next.pid,
+                    fmt_delta(next.time_us, fault_us),
+                    l.owner,
+                    describe()
+                ));
+            }
+            if now > fault_us + us(bound) {
+                self.fail(format!(
+                    "{} after the SIGKILL of wrapper #{} its tree still runs (keeper {keeper}; \
+                     the bound is grace + 1s = {bound:?}): {:?}",
+                    fmt_delta(now, fault_us),
+                    l.owner,
+                    describe()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        self.stats.tree_gone_us.push(gone_us - fault_us);
+        self.stats.escaped_stopped += escaped;
+        self.note(format!(
+            "wrapper #{}'s tree ({} processes) gone {} after the SIGKILL",
+            l.owner,
+            tree.len(),
+            fmt_delta(gone_us, fault_us)
+        ));
         let st = self.wait_exit(l.owner, "SIGKILL");
         self.check(st.signal() == Some(Signal::SIGKILL as i32), || {
             format!("wrapper #{} ended with {st:?} after SIGKILL", l.owner)
@@ -1586,6 +1793,203 @@ impl Chaos {
         self.rode_it_out(l, Kind::SlowAgent, fault_us)
     }
 
+    /// SIGSTOP of the leading wrapper alone (not its keeper, not its child) for a random length in
+    /// `lo..=hi` ms while the standbys wait, then SIGCONT. The bounds are in the module docs.
+    fn sigstop_wrapper(&mut self, l: &Leader, kind: Kind, (lo, hi): (u64, u64)) -> Leader {
+        let len = Duration::from_millis(self.rng.random_range(lo..=hi));
+        self.note(format!(
+            "fault: SIGSTOP wrapper #{} for {len:?} ({})",
+            l.owner,
+            kind.name()
+        ));
+        let i = self.index_of(l.owner);
+        let wrapper = self.contenders[i].proc.pid();
+        let sent_us = now_us();
+        self.contenders[i].proc.signal(Signal::SIGSTOP);
+        // The stop takes effect within microseconds. From the moment it is seen, the wrapper can
+        // neither log nor renew nor talk to its keeper until the SIGCONT; `fault_us` is an upper
+        // bound of the moment it stopped.
+        let fault_us = loop {
+            if state(wrapper) == Some('T') {
+                break now_us();
+            }
+            if now_us() > sent_us + us(NOTICE) {
+                self.fail(format!(
+                    "wrapper #{} is not stopped {NOTICE:?} after SIGSTOP: state {:?}",
+                    l.owner,
+                    state(wrapper)
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        hold_fault(len.saturating_sub(Duration::from_micros(fault_us - sent_us)));
+        // Just before the SIGCONT.
+        let before_cont = state(wrapper);
+        let child_ran = pid_alive(l.child);
+        self.contenders[i].proc.signal(Signal::SIGCONT);
+        let cont_us = now_us();
+        self.check(before_cont == Some('T'), || {
+            format!(
+                "wrapper #{} was no longer stopped {len:?} after SIGSTOP: state {before_cont:?}",
+                l.owner
+            )
+        });
+        // The fence the keeper holds: the one bought by the last renew the wrapper handled
+        // before it stopped, which it logged before it stopped.
+        let renewed = format!("renewed session {}", l.session);
+        let last_renew = log_lines(&self.contenders[i].proc.stderr_text())
+            .filter(|(t, m)| *t < fault_us && m.ends_with(&renewed))
+            .map(|(t, _)| t)
+            .last();
+        if kind == Kind::StopLong {
+            self.check(!child_ran, || {
+                format!(
+                    "child {} of wrapper #{} still ran when its wrapper was continued, {len:?} \
+                     after SIGSTOP ({} after its last renew logged): the keeper must stop it by \
+                     last renew + T - margin, while the wrapper is stopped",
+                    l.child,
+                    l.owner,
+                    last_renew.map_or("-".into(), |r| fmt_delta(cont_us, r))
+                )
+            });
+        }
+        let lost = self.lost_or_renewed(l, fault_us, cont_us);
+        match (kind, lost) {
+            (Kind::StopShort, true) => self.fail(format!(
+                "a pause of {len:?} cost wrapper #{} its leadership; up to {}ms must be \
+                 tolerated: its fence was at least 1.35s after the pause began",
+                l.owner, SHORT_STOP.1
+            )),
+            (_, false) => {
+                self.check(child_ran, || {
+                    format!(
+                        "wrapper #{} logged no loss, but its child {} ended while the wrapper was \
+                         stopped",
+                        l.owner, l.child
+                    )
+                });
+                let sessions = self.sessions_of(l.wrapper_pid);
+                self.check(
+                    sessions.len() == 1 && sessions[0]["ID"] == l.session.as_str(),
+                    || {
+                        format!(
+                            "wrapper #{} kept leading through its pause, under session {}, but \
+                             has these sessions: {sessions:?}",
+                            l.owner, l.session
+                        )
+                    },
+                );
+                return self.rode_it_out(l, kind, fault_us);
+            }
+            (_, true) => {}
+        }
+        let next = self.follow(
+            Some(l.clone()),
+            Some(Transition {
+                kind,
+                fault_us,
+                done_us: cont_us,
+                after_us: fault_us,
+            }),
+        );
+        // `follow` waited for the old child's end.
+        let events = self.events();
+        let end = self
+            .end_of(&events, l.child)
+            .unwrap_or_else(|| self.fail(format!("child {} has no end", l.child)));
+        let terms = events
+            .iter()
+            .filter(|e| e.pid == l.child && e.kind == "signal" && e.detail == "TERM")
+            .count();
+        self.check(terms == 1, || {
+            format!(
+                "child {} of wrapper #{}, stopped after a pause of its wrapper, got TERM {terms} \
+                 times; once is the rule (the keeper's stop and the wrapper's only bring the \
+                 SIGKILL forward)",
+                l.child, l.owner
+            )
+        });
+        // The keeper began the stop while the wrapper was stopped (the child was gone, or had
+        // journalled its stop signal, before the SIGCONT): on the fence that the last renew
+        // logged before the pause bought at the latest.
+        let termed_while_stopped =
+            Self::term_of(&events, l.child, fault_us).is_some_and(|t| t < cont_us);
+        if !child_ran || termed_while_stopped {
+            let Some(renew) = last_renew else {
+                self.fail(format!(
+                    "wrapper #{} logged no renew of session {} before its pause",
+                    l.owner, l.session
+                ));
+            };
+            self.stats.paused_fence_us.push(end.saturating_sub(renew));
+            self.note(format!(
+                "child {} ended {} after the last renew its wrapper logged before the pause{}",
+                l.child,
+                fmt_delta(end, renew),
+                if child_ran {
+                    ", its stop begun while the wrapper was stopped"
+                } else {
+                    ", while the wrapper was stopped"
+                }
+            ));
+            self.check(end <= renew + us(TTL) + us(MEASURE_SLACK), || {
+                format!(
+                    "child {} of wrapper #{} ended {} after the wrapper's last renew (logged \
+                     before the pause); it must be gone by last renew + TTL",
+                    l.child,
+                    l.owner,
+                    fmt_delta(end, renew)
+                )
+            });
+        }
+        // Continued, the wrapper counted the loss and contends again; its old session is gone and
+        // it holds at most one, its new term's. (`check_all_running` sees that it did not exit.)
+        let log = self.stderr_of(l.owner);
+        let again = format!("contending for {} again", self.key);
+        self.check(
+            log_lines(&log).any(|(t, m)| t >= cont_us && m.contains(&again)),
+            || {
+                format!(
+                    "wrapper #{} did not say it contends again after its loss",
+                    l.owner
+                )
+            },
+        );
+        let left = self.rt.block_on(self.agent.session_info(&l.session));
+        self.check(left.is_none(), || {
+            format!(
+                "session {} of wrapper #{} is still there after the handover: {left:?}",
+                l.session, l.owner
+            )
+        });
+        let sessions = self.sessions_of(l.wrapper_pid);
+        self.check(sessions.len() <= 1, || {
+            format!(
+                "wrapper #{} holds more than its new term's session: {sessions:?}",
+                l.owner
+            )
+        });
+        next
+    }
+
+    /// The sessions on the agent that wrapper `pid` named (after the key and its pid), as the
+    /// agent lists them.
+    fn sessions_of(&self, pid: u32) -> Vec<serde_json::Value> {
+        let list = self.rt.block_on(self.agent.get("/v1/session/list"));
+        let suffix = format!(" pid {pid}");
+        list.json()
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|s| {
+                s["Name"]
+                    .as_str()
+                    .is_some_and(|n| n.contains(&self.key) && n.ends_with(&suffix))
+            })
+            .cloned()
+            .collect()
+    }
+
     /// Every contender is still running: the faults of a round end with a leader and its
     /// followers in the race, and nobody may exit on a fault it should ride out.
     fn check_all_running(&mut self) {
@@ -1921,6 +2325,10 @@ impl Chaos {
             let ended_by = match t.kind {
                 Kind::Kill => t.fault_us + us(TTL * 2),
                 Kind::Destroy | Kind::PartitionDestroy | Kind::PartitionCheck => t.done_us,
+                // Expired by the agent, or destroyed by the wrapper once continued.
+                Kind::StopShort | Kind::StopGrey | Kind::StopLong => {
+                    (t.fault_us + us(TTL * 2)).min(t.done_us)
+                }
                 _ => (t.fault_us + us(TTL * 2)).max(t.done_us),
             };
             self.check(
@@ -1971,6 +2379,27 @@ impl Chaos {
                         )
                     });
                     self.check_fenced(&what, end, t);
+                }
+                Kind::StopShort | Kind::StopGrey | Kind::StopLong => {
+                    // The agent expires the session 2T after its last renew, before the pause;
+                    // a wrapper continued earlier destroys it as soon as it counts the loss.
+                    let latest = (t.fault_us + us(TTL * 2)).min(t.done_us) + us(EXPIRY_SLACK);
+                    self.check(free.at_us <= latest, || {
+                        format!(
+                            "{what}: the key was freed {} after the SIGSTOP, {} after the \
+                             SIGCONT",
+                            fmt_delta(free.at_us, t.fault_us),
+                            fmt_delta(free.at_us, t.done_us)
+                        )
+                    });
+                    // Whoever stopped it, the fence is the last renew's, sent before the pause.
+                    self.check(end <= t.fault_us + us(TTL) + us(MEASURE_SLACK), || {
+                        format!(
+                            "{what}: the old child ended {} after its wrapper was stopped; it \
+                             must be gone by its last renew + TTL",
+                            fmt_delta(end, t.fault_us)
+                        )
+                    });
                 }
                 _ => {
                     let latest = (t.fault_us + us(TTL * 2)).max(t.done_us) + us(EXPIRY_SLACK);
@@ -2159,24 +2588,27 @@ impl Chaos {
     }
 
     /// No process of an earlier leader outlives its leadership: everything the test's children
-    /// left alive belongs to the leader's wrapper.
+    /// left alive belongs to the leader's wrapper, but for a keeper that a standby started ahead
+    /// of time (its own child, childless, waiting for what to run). The test kills nothing
+    /// itself, so a leftover (a daemon of a SIGKILLed wrapper's child, say) is a failure.
     fn check_strays(&self, l: &Leader) {
+        let standbys: Vec<u32> = self
+            .contenders
+            .iter()
+            .map(|c| c.proc.pid())
+            .filter(|p| *p != l.wrapper_pid)
+            .collect();
         let strays: Vec<String> = self
             .fx
             .live()
             .into_iter()
             .filter(|p| pid_alive(*p) && !descends_from(*p, l.wrapper_pid))
-            .map(|p| {
-                let cmd = std::fs::read(format!("/proc/{p}/cmdline"))
-                    .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
-                    .unwrap_or_default();
-                format!(
-                    "{p} (parent {:?}, group {:?}: {})",
-                    parent(p),
-                    pgid(p),
-                    cmd.trim()
-                )
+            .filter(|p| {
+                !(parent(*p).is_some_and(|pp| standbys.contains(&pp))
+                    && is_keeper(*p)
+                    && tree_of(*p).len() == 1)
             })
+            .map(describe_proc)
             .collect();
         self.check(strays.is_empty(), || {
             format!(
@@ -2303,12 +2735,24 @@ impl Chaos {
         let clean = s.handovers.iter().filter(|h| h.kind.clean()).count();
         out += &format!(
             "handovers: {} ({clean} clean, {} unclean, {} of those won back by the old leader); \
-             children stopped by SIGKILL after the grace: {stubborn}; escaped grandchildren of \
-             SIGKILLed wrappers killed by the test: {}\n",
+             children stopped by SIGKILL after the grace: {stubborn}\n",
             s.handovers.len(),
             s.handovers.len() - clean,
-            s.returned,
-            s.escaped_killed
+            s.returned
+        );
+        out += &format!(
+            "SIGKILLed wrappers: SIGKILL -> keeper and its whole tree gone (med/max): {} (bound \
+             {:?}), {} processes of those trees outside the child's group (setsid, daemons), \
+             none killed by the test\n",
+            med_max(s.tree_gone_us.clone()),
+            GRACE + TREE_GONE_SLACK,
+            s.escaped_stopped
+        );
+        out += &format!(
+            "SIGSTOPped wrappers: {} children stopped by the keeper while their wrapper was \
+             stopped, last renew -> child gone (med/max): {} (bound T = {TTL:?})\n",
+            s.paused_fence_us.len(),
+            med_max(s.paused_fence_us.clone())
         );
         out += &format!(
             "bounds: clean old end->new <= {CLEAN_MAX:?}; unclean key free->acquire <= \
@@ -2384,6 +2828,8 @@ impl Drop for Chaos {
         for c in &self.contenders {
             c.proxy.set_mode(Mode::Pass);
             c.proc.signal(Signal::SIGTERM);
+            // A wrapper stopped by a fault acts on its SIGTERM once continued.
+            c.proc.signal(Signal::SIGCONT);
         }
     }
 }

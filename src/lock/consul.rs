@@ -21,7 +21,7 @@ use crate::config::RunConfig;
 use crate::consul::{Client, ConsulError, ConsulIndex, ReadOpts, SessionId};
 use crate::election::{self, FreeWatch, HolderValue, KeyView, PreviousTerm};
 use crate::notify;
-use crate::wire::{LOCK_FLAG_VALUE, SEMAPHORE_FLAG_VALUE};
+use crate::wire::{KvEntry, LOCK_FLAG_VALUE, SEMAPHORE_FLAG_VALUE};
 
 /// One session's life.
 pub struct Term {
@@ -456,62 +456,27 @@ impl Protocol for ConsulMutex {
     }
 }
 
-/// Watches the lock key with blocking `?consistent` reads; reports the first sign that it is no
-/// longer ours. After an error the watch starts over from index 0, a read that answers at once:
-/// an agent that restarted without its state has a lower index, and a blocking read on the old
-/// one would wait its whole wait time instead of reporting the vanished key. Transient errors are
-/// retried briskly (the fence covers a Consul we cannot reach); a definitive one is reported.
+/// Watches the lock key (`session::watch`): lost when the key is gone, or held by another
+/// session, or by none (Consul released it as it invalidated our session).
 async fn watch_key(
     client: Arc<Client>,
     key: String,
     session: SessionId,
-    mut index: ConsulIndex,
+    index: ConsulIndex,
     wait: Duration,
     tx: mpsc::Sender<Verdict>,
 ) {
-    let mut attempt = 0u32;
-    loop {
-        let opts = ReadOpts {
-            index,
-            wait: Some(wait),
-            consistent: true,
-        };
-        match client.kv_get(&key, opts).await {
-            Ok((entry, new_index)) => {
-                attempt = 0;
-                let reason = match entry {
-                    None => Some("the key was deleted".to_string()),
-                    Some(e) => match e.session {
-                        Some(s) if s == session.0 => None,
-                        Some(s) => Some(format!("the key is now held by session {s}")),
-                        None => {
-                            Some("Consul released the key (the session was invalidated)".into())
-                        }
-                    },
-                };
-                if let Some(reason) = reason {
-                    let _ = tx.send(Verdict::Lost(reason)).await;
-                    return;
-                }
-                index = next_index(index, new_index);
-            }
-            Err(e) if !e.is_transient() => {
-                let _ = tx
-                    .send(Verdict::Fatal(format!("cannot watch {key}: {e}")))
-                    .await;
-                return;
-            }
-            Err(e) => {
-                debug!("watching {key} failed: {e}; retrying from index 0");
-                index = ConsulIndex(0);
-                sleep(election::backoff(
-                    attempt,
-                    Duration::from_millis(50),
-                    Duration::from_millis(500),
-                ))
-                .await;
-                attempt += 1;
-            }
-        }
-    }
+    let read = |opts| {
+        let (client, key) = (client.clone(), key.clone());
+        async move { client.kv_get(&key, opts).await }
+    };
+    let lost = |entry: &Option<KvEntry>, _| match entry {
+        None => Some("the key was deleted".to_string()),
+        Some(e) => match &e.session {
+            Some(s) if *s == session.0 => None,
+            Some(s) => Some(format!("the key is now held by session {s}")),
+            None => Some("Consul released the key (the session was invalidated)".into()),
+        },
+    };
+    session::watch(key.clone(), read, lost, index, wait, tx).await;
 }

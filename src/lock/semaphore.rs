@@ -1076,53 +1076,25 @@ impl Protocol for ConsulSemaphore {
     }
 }
 
-/// Watches the prefix with blocking `?consistent` reads; reports the first sign that we are no
-/// longer a holder ([`lost_reason`]). Errors are handled as the mutex's watch handles them.
+/// Watches the prefix with blocking `?consistent` reads (`session::watch`); reports the first
+/// sign that we are no longer a holder ([`lost_reason`]).
 async fn watch_slot(
     client: Arc<Client>,
     prefix: String,
     session: SessionId,
-    mut index: ConsulIndex,
+    index: ConsulIndex,
     wait: Duration,
     tx: mpsc::Sender<Verdict>,
 ) {
     let dir = format!("{prefix}/");
-    let mut attempt = 0u32;
-    loop {
-        let opts = ReadOpts {
-            index,
-            wait: Some(wait),
-            consistent: true,
-        };
-        match client.kv_list(&dir, opts).await {
-            Ok((entries, new_index)) => {
-                attempt = 0;
-                let obs = observe(&prefix, &entries, new_index.0);
-                if let Some(reason) = lost_reason(&prefix, &obs, &session) {
-                    let _ = tx.send(Verdict::Lost(reason)).await;
-                    return;
-                }
-                index = next_index(index, new_index);
-            }
-            Err(e) if !e.is_transient() => {
-                let _ = tx
-                    .send(Verdict::Fatal(format!("cannot watch {dir}: {e}")))
-                    .await;
-                return;
-            }
-            Err(e) => {
-                debug!("watching {dir} failed: {e}; retrying from index 0");
-                index = ConsulIndex(0);
-                sleep(election::backoff(
-                    attempt,
-                    Duration::from_millis(50),
-                    Duration::from_millis(500),
-                ))
-                .await;
-                attempt += 1;
-            }
-        }
-    }
+    let read = |opts| {
+        let (client, dir) = (client.clone(), dir.clone());
+        async move { client.kv_list(&dir, opts).await }
+    };
+    let lost = |entries: &Vec<KvEntry>, at: ConsulIndex| {
+        lost_reason(&prefix, &observe(&prefix, entries, at.0), &session)
+    };
+    session::watch(dir.clone(), read, lost, index, wait, tx).await;
 }
 
 #[cfg(test)]

@@ -11,15 +11,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep, sleep_until};
 use tracing::{debug, info, warn};
 
-use super::{AbortOnDrop, OpenError, Renewal, SessionEnd};
+use super::{AbortOnDrop, OpenError, Renewal, SessionEnd, Verdict};
 use crate::clock::BootTime;
 use crate::config::RunConfig;
-use crate::consul::{Client, ConsulError, ConsulIndex, SessionId, SessionRequest};
+use crate::consul::{Client, ConsulError, ConsulIndex, ReadOpts, SessionId, SessionRequest};
 use crate::election::{self, Fence};
 
 /// At most this many renews in flight at once (one regular, the rest hedges).
@@ -27,6 +27,60 @@ const MAX_RENEWS_IN_FLIGHT: usize = 5;
 
 /// The longest a contender blocks in one read.
 pub const MAX_BLOCK: Duration = Duration::from_secs(300);
+
+/// A leader's watch: blocking `?consistent` reads through `read` from `index`, each answer judged
+/// by `lost` (`Some(reason)`: the lock is no longer ours); reports the first sign on `tx`. After an
+/// error the watch starts over from index 0, a read that answers at once: an agent that restarted
+/// without its state has a lower index, and a blocking read on the old one would wait its whole
+/// wait time instead of reporting what vanished. Transient errors are retried briskly (the fence
+/// covers a Consul we cannot reach); a definitive one is reported as fatal. `what` names the
+/// key or prefix in messages.
+pub async fn watch<T, Fut>(
+    what: String,
+    mut read: impl FnMut(ReadOpts) -> Fut,
+    lost: impl Fn(&T, ConsulIndex) -> Option<String>,
+    mut index: ConsulIndex,
+    wait: Duration,
+    tx: mpsc::Sender<Verdict>,
+) where
+    Fut: std::future::Future<Output = Result<(T, ConsulIndex), ConsulError>>,
+{
+    let mut attempt = 0u32;
+    loop {
+        let opts = ReadOpts {
+            index,
+            wait: Some(wait),
+            consistent: true,
+        };
+        match read(opts).await {
+            Ok((answer, new_index)) => {
+                attempt = 0;
+                if let Some(reason) = lost(&answer, new_index) {
+                    let _ = tx.send(Verdict::Lost(reason)).await;
+                    return;
+                }
+                index = next_index(index, new_index);
+            }
+            Err(e) if !e.is_transient() => {
+                let _ = tx
+                    .send(Verdict::Fatal(format!("cannot watch {what}: {e}")))
+                    .await;
+                return;
+            }
+            Err(e) => {
+                debug!("watching {what} failed: {e}; retrying from index 0");
+                index = ConsulIndex(0);
+                sleep(election::backoff(
+                    attempt,
+                    Duration::from_millis(50),
+                    Duration::from_millis(500),
+                ))
+                .await;
+                attempt += 1;
+            }
+        }
+    }
+}
 
 /// A session just created, with its renewer running.
 pub struct Opened {

@@ -277,12 +277,32 @@ pub fn marked_processes(marker: &str) -> Vec<u32> {
         if !env.split(|b| *b == 0).any(|var| var == needle.as_bytes()) {
             continue;
         }
-        if is_zombie(pid) || parent(pid) == Some(me) {
+        if is_zombie(pid) || parent(pid) == Some(me) || is_spare_keeper(pid) {
             continue;
         }
         pids.push(pid);
     }
     pids
+}
+
+/// A keeper that a live wrapper started ahead of time and that runs nothing yet (a standby's:
+/// `Supervisor::prepare`). It is the wrapper's, like the wrapper itself; it exits when the wrapper
+/// does. A keeper with a command, or one whose wrapper is gone, still counts.
+fn is_spare_keeper(pid: u32) -> bool {
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    if comm.trim() != "cl-keeper" {
+        return false;
+    }
+    let has_children = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|task| {
+            std::fs::read_to_string(task.path().join("children"))
+                .is_ok_and(|c| !c.trim().is_empty())
+        });
+    let wrapper_alive = parent(pid).is_some_and(|p| p > 1 && pid_alive(p));
+    !has_children && wrapper_alive
 }
 
 /// The wrapper that started `child`: the parent of the child's keeper (`supervisor`'s module
