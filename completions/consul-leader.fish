@@ -31,7 +31,7 @@ complete -c consul-leader -n "__fish_consul_leader_needs_command" -f -a "status"
 complete -c consul-leader -n "__fish_consul_leader_needs_command" -f -a "dev-agent" -d 'Start a single-node, in-memory Consul-compatible server for trying the tool and for tests'
 complete -c consul-leader -n "__fish_consul_leader_needs_command" -f -a "demo" -d 'Show a leader, a standby and a handover in a few seconds, against a throwaway dev agent'
 complete -c consul-leader -n "__fish_consul_leader_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
-complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l key -d 'The Consul KV key to lock, for example `jobs/report`' -r
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l key -d 'The Consul KV key to lock, for example `jobs/report`; on etcd, the lock\'s name, as in `etcdctl lock NAME` (its keys are NAME/<lease id>)' -r
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l limit -d 'Let at most N holders run at once (a semaphore, the layout of `consul lock -n N`): KEY is then a prefix, holding KEY/.lock and one key per contender. 1 is the lock on KEY itself' -r
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l ttl -d 'Session TTL: how long Consul keeps the session without a renew (it really waits 2x)' -r
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l lock-delay -d 'Lock-delay: after this session is invalidated, Consul refuses the key to others this long' -r
@@ -75,13 +75,19 @@ complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l clie
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l tls-server-name -d 'Name to verify the agent\'s certificate against (and send as SNI), if not the address\'s host [env: CONSUL_TLS_SERVER_NAME]' -r
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l namespace -d 'Enterprise namespace (sent as ?ns=); Consul CE refuses it [env: CONSUL_NAMESPACE]' -r
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l partition -d 'Enterprise admin partition (sent as ?partition=); Consul CE refuses it [env: CONSUL_PARTITION]' -r
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l etcd-endpoints -d 'Use etcd at these endpoints instead of Consul: comma-separated URLs (http://host:2379, https://..., or host:port) [env: ETCDCTL_ENDPOINTS]. Engine: a flag of one engine wins over the other\'s variables; flags of both, or ETCDCTL_ENDPOINTS and CONSUL_HTTP_ADDR both set without a flag, are refused (exit 2); nothing set means Consul' -r
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l etcd-cacert -d 'CA certificate (PEM) to verify etcd\'s TLS certificates with [env: ETCDCTL_CACERT]' -r -F
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l etcd-cert -d 'Client certificate (PEM) for etcd\'s TLS client authentication [env: ETCDCTL_CERT]' -r -F
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l etcd-key -d 'Private key (PEM) of --etcd-cert [env: ETCDCTL_KEY]' -r -F
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l etcd-user -d 'etcd user, NAME or NAME:PASSWORD [env: ETCDCTL_USER]' -r
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l etcd-password -d 'Password of --etcd-user (prefer ETCDCTL_PASSWORD: a password on the command line is visible in ps) [env: ETCDCTL_PASSWORD]' -r
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l shell -d 'Run the command through `sh -c` (one string) instead of executing it directly'
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -l no-node-check -d 'Do not bind the node\'s serfHealth check to the session'
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -s q -l quiet -d 'Only print errors'
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -s v -l verbose -d 'Also print debug lines (each renew, session IDs, forwarded signals)'
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand run" -s V -l version -d 'Print version'
-complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -l key -d 'The Consul KV key to inspect, or the prefix of a semaphore (`run --limit N`, `consul lock -n N`): then its limit, holders and free slots' -r
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -l key -d 'The Consul KV key to inspect, or the prefix of a semaphore (`run --limit N`, `consul lock -n N`): then its limit, holders and free slots. On etcd, the lock\'s name (as in `etcdctl lock NAME`)' -r
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -l http-addr -d 'Consul agent address: host:port, http://host:port, https://host:port or unix:///path [env: CONSUL_HTTP_ADDR] [default: 127.0.0.1:8500]' -r
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -l token -d 'ACL token (prefer --token-file: a token on the command line is visible in ps). Precedence, as in Consul\'s CLI: --token-file, --token, CONSUL_HTTP_TOKEN_FILE, CONSUL_HTTP_TOKEN' -r
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -l token-file -d 'File holding the ACL token [env: CONSUL_HTTP_TOKEN_FILE]' -r -F
@@ -93,6 +99,12 @@ complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -l c
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -l tls-server-name -d 'Name to verify the agent\'s certificate against (and send as SNI), if not the address\'s host [env: CONSUL_TLS_SERVER_NAME]' -r
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -l namespace -d 'Enterprise namespace (sent as ?ns=); Consul CE refuses it [env: CONSUL_NAMESPACE]' -r
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -l partition -d 'Enterprise admin partition (sent as ?partition=); Consul CE refuses it [env: CONSUL_PARTITION]' -r
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -l etcd-endpoints -d 'Use etcd at these endpoints instead of Consul: comma-separated URLs (http://host:2379, https://..., or host:port) [env: ETCDCTL_ENDPOINTS]. Engine: a flag of one engine wins over the other\'s variables; flags of both, or ETCDCTL_ENDPOINTS and CONSUL_HTTP_ADDR both set without a flag, are refused (exit 2); nothing set means Consul' -r
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -l etcd-cacert -d 'CA certificate (PEM) to verify etcd\'s TLS certificates with [env: ETCDCTL_CACERT]' -r -F
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -l etcd-cert -d 'Client certificate (PEM) for etcd\'s TLS client authentication [env: ETCDCTL_CERT]' -r -F
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -l etcd-key -d 'Private key (PEM) of --etcd-cert [env: ETCDCTL_KEY]' -r -F
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -l etcd-user -d 'etcd user, NAME or NAME:PASSWORD [env: ETCDCTL_USER]' -r
+complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -l etcd-password -d 'Password of --etcd-user (prefer ETCDCTL_PASSWORD: a password on the command line is visible in ps) [env: ETCDCTL_PASSWORD]' -r
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -l json -d 'Print one JSON object instead of text'
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -s h -l help -d 'Print help'
 complete -c consul-leader -n "__fish_consul_leader_using_subcommand status" -s V -l version -d 'Print version'

@@ -21,11 +21,12 @@ use tracing::{debug, error, info, warn};
 
 use crate::cli::{OnLost, RestartPolicy, RunArgs};
 use crate::clock::{self, BootTime};
-use crate::config::RunConfig;
+use crate::config::{Engine, RunConfig};
 use crate::consul::Client;
 use crate::election::{self, Fence, PreviousTerm};
 use crate::exit;
 use crate::lock::consul::ConsulMutex;
+use crate::lock::etcd::EtcdMutex;
 use crate::lock::semaphore::ConsulSemaphore;
 use crate::lock::{AbortOnDrop, ContendEnd, Protocol, Renewal, SessionEnd, Term, Verdict, Won};
 use crate::notify;
@@ -196,13 +197,6 @@ async fn run(cfg: RunConfig) -> Outcome {
             return Outcome::Code(exit::INTERNAL);
         }
     };
-    let client = match Client::new(cfg.consul.clone()) {
-        Ok(c) => Arc::new(c),
-        Err(e) => {
-            error!("cannot set up the HTTP client: {e:#}");
-            return Outcome::Code(exit::INTERNAL);
-        }
-    };
     let supervisor = match Supervisor::new() {
         Ok(s) => s,
         Err(e) => {
@@ -210,25 +204,56 @@ async fn run(cfg: RunConfig) -> Outcome {
             return Outcome::Code(exit::INTERNAL);
         }
     };
-    // `--limit 1` is the mutex on the key; more is a semaphore under it as a prefix.
-    if cfg.limit > 1 {
-        Leader {
-            lock: ConsulSemaphore::new(client, cfg.clone()),
-            cfg,
-            signals,
-            supervisor,
+    match cfg.engine.clone() {
+        Engine::Consul(consul) => {
+            let client = match Client::new(consul) {
+                Ok(c) => Arc::new(c),
+                Err(e) => {
+                    error!("cannot set up the HTTP client: {e:#}");
+                    return Outcome::Code(exit::INTERNAL);
+                }
+            };
+            // `--limit 1` is the mutex on the key; more is a semaphore under it as a prefix.
+            if cfg.limit > 1 {
+                Leader {
+                    lock: ConsulSemaphore::new(client, cfg.clone()),
+                    cfg,
+                    signals,
+                    supervisor,
+                }
+                .run()
+                .await
+            } else {
+                Leader {
+                    lock: ConsulMutex::new(client, cfg.clone()),
+                    cfg,
+                    signals,
+                    supervisor,
+                }
+                .run()
+                .await
+            }
         }
-        .run()
-        .await
-    } else {
-        Leader {
-            lock: ConsulMutex::new(client, cfg.clone()),
-            cfg,
-            signals,
-            supervisor,
+        Engine::Etcd(etcd) => {
+            let client = match crate::etcd::connect(&etcd, &etcd.endpoints).await {
+                Ok(c) => c,
+                Err(e) => {
+                    error!(
+                        "cannot connect to etcd at {}: {e}",
+                        etcd.endpoints.join(",")
+                    );
+                    return Outcome::Code(exit::INTERNAL);
+                }
+            };
+            Leader {
+                lock: EtcdMutex::new(client, etcd, cfg.clone()),
+                cfg,
+                signals,
+                supervisor,
+            }
+            .run()
+            .await
         }
-        .run()
-        .await
     }
 }
 
@@ -529,7 +554,7 @@ impl<P: Protocol> Leader<P> {
                 }
             }
         };
-        let spec = self.child_spec(&term.id(), won.fencing_token());
+        let spec = self.child_spec(&term.id(), won.fencing_token(), won.child_env());
         let pid = match self.supervisor.spawn(&spec, fence) {
             Ok(pid) => pid,
             Err(e) => {
@@ -676,11 +701,16 @@ impl<P: Protocol> Leader<P> {
         }
     }
 
-    fn child_spec(&self, session: &str, fencing_token: u64) -> ChildSpec {
+    fn child_spec(
+        &self,
+        session: &str,
+        fencing_token: u64,
+        protocol_env: Vec<(String, String)>,
+    ) -> ChildSpec {
         ChildSpec {
             argv: self.cfg.command.clone(),
             shell: self.cfg.shell,
-            env_set: vec![
+            env_set: [
                 ("CONSUL_LEADER_KEY".into(), self.cfg.key.clone()),
                 ("CONSUL_LEADER_SESSION".into(), session.to_string()),
                 (
@@ -688,19 +718,25 @@ impl<P: Protocol> Leader<P> {
                     fencing_token.to_string(),
                 ),
                 ("CONSUL_LOCK_HELD".into(), "true".into()),
-            ],
+            ]
+            .into_iter()
+            .chain(protocol_env)
+            .collect(),
             env_remove: env_remove(),
             stop_signal: self.cfg.stop_signal,
         }
     }
 }
 
-/// Variables the command (and its keeper) must not inherit: the token, and systemd's notification
-/// settings, which are the wrapper's.
+/// Variables the command (and its keeper) must not inherit: the Consul token, etcd's credentials,
+/// and systemd's notification settings, which are the wrapper's.
 fn env_remove() -> Vec<String> {
     [
         "CONSUL_HTTP_TOKEN",
         "CONSUL_HTTP_TOKEN_FILE",
+        // etcd credentials: ETCDCTL_USER may carry the password (NAME:PASSWORD).
+        "ETCDCTL_PASSWORD",
+        "ETCDCTL_USER",
         "NOTIFY_SOCKET",
         "WATCHDOG_USEC",
         "WATCHDOG_PID",
@@ -788,7 +824,7 @@ impl Restarts {
 fn verdict_of(end: SessionEnd) -> Verdict {
     match end {
         SessionEnd::Gone => {
-            Verdict::Lost("the session expired or was destroyed (renew answered 404)".into())
+            Verdict::Lost("the session expired or was destroyed: a renew found it gone".into())
         }
         SessionEnd::Fatal(msg) => Verdict::Fatal(format!("cannot renew the session: {msg}")),
     }
@@ -823,7 +859,7 @@ async fn ended(
     let fence = Fence::after_renew(r.last_ok_sent, cfg.ttl, cfg.grace);
     let fenced = || {
         Verdict::Lost(format!(
-            "no session renew succeeded for {}; stopping before Consul may expire the session",
+            "no session renew succeeded for {}; stopping before the session may expire",
             humantime::format_duration(round_ms(
                 fence.stop_at.saturating_duration_since(r.last_ok_sent)
             ))

@@ -7,7 +7,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum, ValueHint};
+use clap::parser::ValueSource;
+use clap::{
+    ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum, ValueHint,
+};
 
 /// Run a command only while this host holds leadership through a Consul session lock.
 #[derive(Debug, Parser)]
@@ -18,12 +21,43 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// Parses the command line like `Cli::parse`, and also notes which options of `run` and `status`
+/// were given on the command line itself (not taken from a variable or a default): the rule that
+/// picks the engine (`config::Engine`) lets an explicit flag win over the environment.
+pub fn parse() -> Cli {
+    try_parse_from(std::env::args_os()).unwrap_or_else(|e| e.exit())
+}
+
+/// [`parse`] from the given arguments.
+pub fn try_parse_from<I, T>(args: I) -> Result<Cli, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let matches = Cli::command().try_get_matches_from(args)?;
+    let mut cli = Cli::from_arg_matches(&matches)?;
+    match (&mut cli.command, matches.subcommand()) {
+        (Command::Run(args), Some((_, m))) => args.given = given(m),
+        (Command::Status(args), Some((_, m))) => args.given = given(m),
+        _ => {}
+    }
+    Ok(cli)
+}
+
+/// The ids of the options given on the command line.
+fn given(m: &ArgMatches) -> Vec<String> {
+    m.ids()
+        .filter(|id| m.value_source(id.as_str()) == Some(ValueSource::CommandLine))
+        .map(|id| id.as_str().to_string())
+        .collect()
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Win the lock on a key, run a command while it is held, stop it when leadership ends.
     Run(Box<RunArgs>),
     /// Show who holds a key, since when, and its fencing token.
-    Status(StatusArgs),
+    Status(Box<StatusArgs>),
     /// Start a single-node, in-memory Consul-compatible server for trying the tool and for tests.
     DevAgent(DevAgentArgs),
     /// Show a leader, a standby and a handover in a few seconds, against a throwaway dev agent.
@@ -132,11 +166,58 @@ pub struct ConsulArgs {
     pub partition: Option<String>,
 }
 
+/// How to reach etcd instead of Consul. Flags win over the variables `etcdctl` reads; an empty
+/// variable counts as unset. `--etcd-endpoints` (or `ETCDCTL_ENDPOINTS`) selects etcd: see the
+/// README's "etcd" section for the rule that picks the engine.
+#[derive(Debug, Clone, Default, Args)]
+pub struct EtcdArgs {
+    /// Use etcd at these endpoints instead of Consul: comma-separated URLs (http://host:2379,
+    /// https://..., or host:port) [env: ETCDCTL_ENDPOINTS]. Engine: a flag of one engine wins
+    /// over the other's variables; flags of both, or ETCDCTL_ENDPOINTS and CONSUL_HTTP_ADDR
+    /// both set without a flag, are refused (exit 2); nothing set means Consul.
+    #[arg(
+        long,
+        value_name = "URL[,URL...]",
+        help_heading = "etcd (instead of Consul)"
+    )]
+    pub etcd_endpoints: Option<String>,
+
+    /// CA certificate (PEM) to verify etcd's TLS certificates with [env: ETCDCTL_CACERT]
+    #[arg(long, value_name = "PATH", help_heading = "etcd (instead of Consul)")]
+    pub etcd_cacert: Option<PathBuf>,
+
+    /// Client certificate (PEM) for etcd's TLS client authentication [env: ETCDCTL_CERT]
+    #[arg(long, value_name = "PATH", help_heading = "etcd (instead of Consul)")]
+    pub etcd_cert: Option<PathBuf>,
+
+    /// Private key (PEM) of --etcd-cert [env: ETCDCTL_KEY]
+    #[arg(long, value_name = "PATH", help_heading = "etcd (instead of Consul)")]
+    pub etcd_key: Option<PathBuf>,
+
+    /// etcd user, NAME or NAME:PASSWORD [env: ETCDCTL_USER]
+    #[arg(
+        long,
+        value_name = "NAME[:PASSWORD]",
+        help_heading = "etcd (instead of Consul)"
+    )]
+    pub etcd_user: Option<String>,
+
+    /// Password of --etcd-user (prefer ETCDCTL_PASSWORD: a password on the command line is
+    /// visible in ps) [env: ETCDCTL_PASSWORD]
+    #[arg(
+        long,
+        value_name = "PASSWORD",
+        help_heading = "etcd (instead of Consul)"
+    )]
+    pub etcd_password: Option<String>,
+}
+
 /// Options of `consul-leader run`.
 #[derive(Debug, Args)]
 #[command(after_help = crate::docs::after_help(&crate::docs::RUN))]
 pub struct RunArgs {
-    /// The Consul KV key to lock, for example `jobs/report`.
+    /// The Consul KV key to lock, for example `jobs/report`; on etcd, the lock's name, as in
+    /// `etcdctl lock NAME` (its keys are NAME/<lease id>).
     #[arg(long, value_name = "KEY")]
     pub key: String,
 
@@ -257,6 +338,13 @@ pub struct RunArgs {
     #[command(flatten)]
     pub consul: ConsulArgs,
 
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+
+    /// The ids of the options given on the command line (filled in by [`parse`]).
+    #[arg(skip)]
+    pub given: Vec<String>,
+
     /// The command to run, and its arguments (after `--`).
     #[arg(
         required = true,
@@ -272,7 +360,8 @@ pub struct RunArgs {
 #[command(after_help = crate::docs::after_help(&crate::docs::STATUS))]
 pub struct StatusArgs {
     /// The Consul KV key to inspect, or the prefix of a semaphore (`run --limit N`,
-    /// `consul lock -n N`): then its limit, holders and free slots.
+    /// `consul lock -n N`): then its limit, holders and free slots. On etcd, the lock's name
+    /// (as in `etcdctl lock NAME`).
     #[arg(long, value_name = "KEY")]
     pub key: String,
 
@@ -282,6 +371,13 @@ pub struct StatusArgs {
 
     #[command(flatten)]
     pub consul: ConsulArgs,
+
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+
+    /// The ids of the options given on the command line (filled in by [`parse`]).
+    #[arg(skip)]
+    pub given: Vec<String>,
 }
 
 /// Options of `consul-leader dev-agent`.

@@ -1,4 +1,5 @@
-//! Turns raw command-line options into a validated `RunConfig`/`ConsulConfig`.
+//! Turns raw command-line options into a validated `RunConfig` and the [`Engine`] to talk to
+//! (`ConsulConfig` or `EtcdConfig`).
 //!
 //! Everything that can be wrong with the user's input is found here, before any session exists, and
 //! reported as one line that says what to change (exit code 2). Nothing after this point fails on
@@ -10,7 +11,7 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 
-use crate::cli::{ConsulArgs, LogFormat, OnLost, RestartPolicy, RunArgs};
+use crate::cli::{ConsulArgs, EtcdArgs, LogFormat, OnLost, RestartPolicy, RunArgs};
 use crate::election::Timing;
 
 /// A usage or configuration error: one line that says what to fix. Exit code 2.
@@ -319,6 +320,276 @@ fn parse_address(addr: &str, ssl: bool) -> Result<(String, Option<PathBuf>), Con
     Ok((format!("{scheme}://{rest}"), None))
 }
 
+/// The lock engine a run or a status talks to, and how to reach it.
+#[derive(Debug, Clone)]
+pub enum Engine {
+    Consul(ConsulConfig),
+    Etcd(EtcdConfig),
+}
+
+/// The ids of Consul's connection flags (`ConsulArgs`), as clap names them.
+const CONSUL_FLAGS: [(&str, &str); 11] = [
+    ("http_addr", "--http-addr"),
+    ("token", "--token"),
+    ("token_file", "--token-file"),
+    ("datacenter", "--datacenter"),
+    ("ca_file", "--ca-file"),
+    ("ca_path", "--ca-path"),
+    ("client_cert", "--client-cert"),
+    ("client_key", "--client-key"),
+    ("tls_server_name", "--tls-server-name"),
+    ("namespace", "--namespace"),
+    ("partition", "--partition"),
+];
+
+/// The ids of etcd's connection flags (`EtcdArgs`).
+const ETCD_FLAGS: [(&str, &str); 6] = [
+    ("etcd_endpoints", "--etcd-endpoints"),
+    ("etcd_cacert", "--etcd-cacert"),
+    ("etcd_cert", "--etcd-cert"),
+    ("etcd_key", "--etcd-key"),
+    ("etcd_user", "--etcd-user"),
+    ("etcd_password", "--etcd-password"),
+];
+
+/// Which engine the settings name. The rule, in order (README, "Choosing the engine"):
+///
+/// 1. flags of both engines on one command line: a usage error;
+/// 2. any `--etcd-*` flag: etcd; any Consul connection flag (`--http-addr`, `--token`, ...):
+///    Consul; an explicit flag wins over every variable;
+/// 3. no engine flag: `ETCDCTL_ENDPOINTS` selects etcd and `CONSUL_HTTP_ADDR` Consul; both set
+///    is a usage error (pass a flag to choose);
+/// 4. nothing: Consul at 127.0.0.1:8500, as before etcd existed.
+///
+/// `given` holds the ids of the flags given on the command line; `etcd_env` and `consul_env`
+/// whether `ETCDCTL_ENDPOINTS` and `CONSUL_HTTP_ADDR` are set (empty counts as unset).
+pub fn pick_engine(
+    given: &[String],
+    etcd_env: bool,
+    consul_env: bool,
+) -> Result<EngineKind, ConfigError> {
+    let named = |flags: &[(&'static str, &'static str)]| -> Vec<&'static str> {
+        flags
+            .iter()
+            .filter(|(id, _)| given.iter().any(|g| g == id))
+            .map(|(_, flag)| *flag)
+            .collect()
+    };
+    let etcd = named(&ETCD_FLAGS);
+    let consul = named(&CONSUL_FLAGS);
+    match (etcd.first(), consul.first()) {
+        (Some(e), Some(c)) => Err(bad(format!(
+            "{e} and {c} name two engines (etcd and Consul); give the flags of one only"
+        ))),
+        (Some(_), None) => Ok(EngineKind::Etcd),
+        (None, Some(_)) => Ok(EngineKind::Consul),
+        (None, None) if etcd_env && consul_env => Err(bad(
+            "both ETCDCTL_ENDPOINTS and CONSUL_HTTP_ADDR are set, so the engine is ambiguous; \
+             choose with --etcd-endpoints (etcd) or --http-addr (Consul), or unset one",
+        )),
+        (None, None) if etcd_env => Ok(EngineKind::Etcd),
+        (None, None) => Ok(EngineKind::Consul),
+    }
+}
+
+/// The engine [`pick_engine`] chose, before its settings are read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineKind {
+    Consul,
+    Etcd,
+}
+
+impl Engine {
+    /// Picks the engine ([`pick_engine`]) and reads its settings.
+    pub fn from_args(
+        consul: &ConsulArgs,
+        etcd: &EtcdArgs,
+        given: &[String],
+    ) -> Result<Engine, ConfigError> {
+        let etcd_env = env_nonempty("ETCDCTL_ENDPOINTS").is_some();
+        let consul_env = env_nonempty("CONSUL_HTTP_ADDR").is_some();
+        Ok(match pick_engine(given, etcd_env, consul_env)? {
+            EngineKind::Consul => Engine::Consul(ConsulConfig::from_args(consul)?),
+            EngineKind::Etcd => Engine::Etcd(EtcdConfig::from_args(etcd)?),
+        })
+    }
+}
+
+/// How to reach etcd: the settings `etcdctl` takes, flags first, then its variables.
+#[derive(Clone)]
+pub struct EtcdConfig {
+    /// `http://host:port` or `https://host:port`, at least one.
+    pub endpoints: Vec<String>,
+    /// CA certificates (PEM) to trust instead of the system's.
+    pub ca_pem: Option<Vec<u8>>,
+    /// Client certificate and key (PEM).
+    pub identity_pem: Option<(Vec<u8>, Vec<u8>)>,
+    /// User name and password.
+    pub user: Option<(String, String)>,
+}
+
+impl std::fmt::Debug for EtcdConfig {
+    // Hand-written so that the password can never reach a log line through `{:?}`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdConfig")
+            .field("endpoints", &self.endpoints)
+            .field("ca", &self.ca_pem.is_some())
+            .field("client_cert", &self.identity_pem.is_some())
+            .field("user", &self.user.as_ref().map(|(u, _)| (u, "<redacted>")))
+            .finish()
+    }
+}
+
+/// A flag's value, else its variable's (empty counts as unset).
+fn etcd_flag_or_env<T: Clone>(
+    flag: &Option<T>,
+    var: &str,
+    from: impl Fn(String) -> T,
+) -> Option<(T, String)> {
+    match flag {
+        Some(v) => Some((v.clone(), String::new())),
+        None => env_nonempty(var).map(|v| (from(v), var.to_string())),
+    }
+}
+
+impl EtcdConfig {
+    pub fn uses_tls(&self) -> bool {
+        self.endpoints.iter().any(|e| e.starts_with("https://"))
+    }
+
+    pub fn from_args(args: &EtcdArgs) -> Result<Self, ConfigError> {
+        let setting = |flag: &str, var: &str, from: &str| {
+            if from.is_empty() {
+                flag.to_string()
+            } else {
+                var.to_string()
+            }
+        };
+        let ca = etcd_flag_or_env(&args.etcd_cacert, "ETCDCTL_CACERT", PathBuf::from);
+        let cert = etcd_flag_or_env(&args.etcd_cert, "ETCDCTL_CERT", PathBuf::from);
+        let key = etcd_flag_or_env(&args.etcd_key, "ETCDCTL_KEY", PathBuf::from);
+        let ca_pem = match &ca {
+            Some((path, from)) => {
+                let what = setting("--etcd-cacert", "ETCDCTL_CACERT", from);
+                let pem = read_file(path, "CA certificate", &what)?;
+                match reqwest::Certificate::from_pem_bundle(&pem) {
+                    Ok(certs) if !certs.is_empty() => Some(pem),
+                    _ => {
+                        return Err(bad(format!(
+                            "the CA file {} holds no PEM certificate; check {what}",
+                            path.display()
+                        )));
+                    }
+                }
+            }
+            None => None,
+        };
+        let identity_pem = match (&cert, &key) {
+            (Some((cert, cf)), Some((key, kf))) => {
+                let cert_pem = read_file(
+                    cert,
+                    "client certificate",
+                    &setting("--etcd-cert", "ETCDCTL_CERT", cf),
+                )?;
+                let key_pem =
+                    read_file(key, "client key", &setting("--etcd-key", "ETCDCTL_KEY", kf))?;
+                let mut both = cert_pem.clone();
+                both.push(b'\n');
+                both.extend_from_slice(&key_pem);
+                reqwest::Identity::from_pem(&both).map_err(|e| {
+                    bad(format!(
+                        "the etcd client certificate or key is not valid PEM ({e}); check --etcd-cert and --etcd-key"
+                    ))
+                })?;
+                Some((cert_pem, key_pem))
+            }
+            (None, None) => None,
+            _ => {
+                return Err(bad(
+                    "both an etcd client certificate and its key must be given (--etcd-cert and \
+                     --etcd-key, or ETCDCTL_CERT and ETCDCTL_KEY)",
+                ));
+            }
+        };
+        let tls = ca_pem.is_some() || identity_pem.is_some();
+        let (list, from) = etcd_flag_or_env(&args.etcd_endpoints, "ETCDCTL_ENDPOINTS", |v| v)
+            .unwrap_or_else(|| ("127.0.0.1:2379".to_string(), String::new()));
+        let what = setting("--etcd-endpoints", "ETCDCTL_ENDPOINTS", &from);
+        let endpoints = list
+            .split(',')
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
+            .map(|e| normalize_endpoint(e, tls, &what))
+            .collect::<Result<Vec<_>, _>>()?;
+        if endpoints.is_empty() {
+            return Err(bad(format!(
+                "{what} names no endpoint; give URLs such as http://127.0.0.1:2379"
+            )));
+        }
+        if tls && endpoints.iter().any(|e| e.starts_with("http://")) {
+            return Err(bad(format!(
+                "{what} has an http:// endpoint, but TLS settings are given (--etcd-cacert, \
+                 --etcd-cert); use https:// endpoints"
+            )));
+        }
+        let user = match etcd_flag_or_env(&args.etcd_user, "ETCDCTL_USER", |v| v) {
+            None => None,
+            Some((user, from)) => {
+                let what = setting("--etcd-user", "ETCDCTL_USER", &from);
+                let (name, inline) = match user.split_once(':') {
+                    Some((n, p)) => (n.to_string(), Some(p.to_string())),
+                    None => (user.clone(), None),
+                };
+                if name.is_empty() {
+                    return Err(bad(format!(
+                        "{what} has an empty user name; use NAME or NAME:PASSWORD"
+                    )));
+                }
+                let password = inline
+                    .or_else(|| {
+                        etcd_flag_or_env(&args.etcd_password, "ETCDCTL_PASSWORD", |v| v)
+                            .map(|(p, _)| p)
+                    })
+                    .ok_or_else(|| {
+                        bad(format!(
+                            "{what} names user {name} but no password; give it in ETCDCTL_PASSWORD \
+                             (or --etcd-password, or {name}:PASSWORD)"
+                        ))
+                    })?;
+                Some((name, password))
+            }
+        };
+        Ok(Self {
+            endpoints,
+            ca_pem,
+            identity_pem,
+            user,
+        })
+    }
+}
+
+/// `http://h:p` and `https://h:p` as given; a bare `h:p` gets https when TLS settings are given
+/// (as `etcdctl` does), http otherwise.
+fn normalize_endpoint(e: &str, tls: bool, what: &str) -> Result<String, ConfigError> {
+    let (scheme, rest) = match e.split_once("://") {
+        None => (if tls { "https" } else { "http" }, e),
+        Some(("http", rest)) => ("http", rest),
+        Some(("https", rest)) => ("https", rest),
+        Some((other, _)) => {
+            return Err(bad(format!(
+                "{what}: endpoint {e} has the scheme `{other}`; use http://host:port or https://host:port"
+            )));
+        }
+    };
+    let rest = rest.trim_end_matches('/');
+    if rest.is_empty() || rest.contains('/') {
+        return Err(bad(format!(
+            "{what}: endpoint {e} is not host:port; use e.g. http://127.0.0.1:2379"
+        )));
+    }
+    Ok(format!("{scheme}://{rest}"))
+}
+
 /// How an address is named in messages. A host without a port goes to the scheme's default port
 /// (80, or 443 for https) exactly as with Consul's CLI, whose client puts the address into the
 /// URL as it is; since Consul itself listens on 8500, the messages say so.
@@ -374,7 +645,8 @@ pub struct RunConfig {
     pub quiet: bool,
     pub verbose: bool,
     pub log_format: LogFormat,
-    pub consul: ConsulConfig,
+    /// The engine: Consul (the default) or etcd.
+    pub engine: Engine,
     pub command: Vec<String>,
     pub host: String,
     /// This contender's stable identity (`--id`, default the host name).
@@ -476,11 +748,22 @@ impl RunConfig {
     }
 
     pub fn from_args(args: &RunArgs) -> Result<Self, ConfigError> {
-        let key = validate_key(&args.key)?;
+        let engine = Engine::from_args(&args.consul, &args.etcd, &args.given)?;
+        let etcd = matches!(engine, Engine::Etcd(_));
+        let key = if etcd {
+            validate_etcd_name(&args.key)?
+        } else {
+            validate_key(&args.key)?
+        };
         let limit = validate_limit(args.limit)?;
-        let consul = ConsulConfig::from_args(&args.consul)?;
+        if etcd {
+            check_etcd_run(args)?;
+        }
         let stop_signal = parse_signal(&args.stop_signal)?;
-        check_ttl(args.ttl)?;
+        // Consul's session TTL minimum; etcd's rules are in `check_etcd_run`.
+        if !etcd {
+            check_ttl(args.ttl)?;
+        }
         if args.lock_delay > MAX_LOCK_DELAY {
             return Err(bad(format!(
                 "--lock-delay {} is above 60s, and Consul caps lock-delay at 60s; use 60s or less",
@@ -516,8 +799,9 @@ impl RunConfig {
         // A leader cut off from Consul keeps its command until its fence, up to a TTL after its
         // last renew, while Consul may free the key right after that renew (a bound check that
         // goes critical, a destroyed session). Only lock-delay and silence hold the next leader
-        // back (election's module docs, 2 and 3), so one of them must cover the TTL.
-        if args.lock_delay.max(args.silence) < args.ttl {
+        // back (election's module docs, 2 and 3), so one of them must cover the TTL. On etcd
+        // only the silence can (`check_etcd_run`).
+        if !etcd && args.lock_delay.max(args.silence) < args.ttl {
             return Err(bad(format!(
                 "--silence {} and --lock-delay {} are both shorter than --ttl {}: a leader cut off \
                  from Consul keeps its command up to the TTL after its last renew, while Consul may \
@@ -574,7 +858,12 @@ impl RunConfig {
             key,
             limit,
             ttl: args.ttl,
-            lock_delay: args.lock_delay,
+            // etcd has no lock-delay.
+            lock_delay: if etcd {
+                Duration::ZERO
+            } else {
+                args.lock_delay
+            },
             silence: args.silence,
             grace: args.grace,
             stop_signal,
@@ -589,7 +878,7 @@ impl RunConfig {
             quiet: args.quiet,
             verbose: args.verbose,
             log_format: args.log_format,
-            consul,
+            engine,
             command: args.command.clone(),
             host,
             id,
@@ -599,6 +888,94 @@ impl RunConfig {
             stop_signals,
         })
     }
+}
+
+/// The rules of `run` that only etcd has: whole-second TTLs, a silence that covers the TTL on
+/// its own, and no Consul-only option.
+fn check_etcd_run(args: &RunArgs) -> Result<(), ConfigError> {
+    let consul_only = [
+        ("lock_delay", "--lock-delay"),
+        ("checks", "--check"),
+        ("no_node_check", "--no-node-check"),
+        ("name", "--name"),
+    ];
+    if let Some((_, flag)) = consul_only
+        .iter()
+        .find(|(id, _)| args.given.iter().any(|g| g == id))
+    {
+        return Err(bad(format!(
+            "{flag} is a Consul session setting; etcd has no such thing: leave it out with --etcd-endpoints"
+        )));
+    }
+    if args.limit > 1 {
+        return Err(bad(format!(
+            "--limit {} is a semaphore in the layout of consul lock -n, which runs on Consul only;              on etcd only the lock of etcdctl lock is available (--limit 1)",
+            args.limit
+        )));
+    }
+    if args.ttl > MAX_TTL {
+        return Err(bad(format!(
+            "--ttl {} is too long; the most it takes is 24h",
+            humantime::format_duration(args.ttl)
+        )));
+    }
+    if !args.priority_window.is_zero() {
+        return Err(bad(
+            "--priority-window is not available on etcd: its lock is a first-come, first-served \
+             queue shared with etcdctl lock, and letting a previous holder jump it would break that",
+        ));
+    }
+    if args.ttl.subsec_nanos() != 0 || args.ttl.is_zero() {
+        return Err(bad(format!(
+            "--ttl {} is not a whole number of seconds; etcd leases count whole seconds: use e.g. {}s",
+            humantime::format_duration(args.ttl),
+            args.ttl.as_secs().max(1)
+        )));
+    }
+    // A leader cut off from etcd keeps its command up to the TTL after its last renew, while
+    // its key may go right after that renew (a revoked lease, a deleted key). etcd has no
+    // lock-delay, so the silence alone must hold the next leader back that long
+    // (lock::etcd's module docs, 3).
+    if args.silence < args.ttl {
+        return Err(bad(format!(
+            "--silence {} is shorter than --ttl {}: on etcd only the silence holds the next leader \
+             back (etcd has no lock-delay), and a leader cut off from etcd keeps its command up to \
+             the TTL after its last renew while its key may be deleted right after it (a revoked \
+             lease); raise --silence to at least {}",
+            humantime::format_duration(args.silence),
+            humantime::format_duration(args.ttl),
+            humantime::format_duration(args.ttl)
+        )));
+    }
+    Ok(())
+}
+
+/// An etcd lock name (`etcdctl lock NAME`): its keys are `NAME/<lease>`. etcd takes any bytes,
+/// but a name with control characters or stray whitespace is a typo, and a trailing `/` makes a
+/// `NAME//` prefix.
+pub fn validate_etcd_name(name: &str) -> Result<String, ConfigError> {
+    if name.trim().is_empty() {
+        return Err(bad(format!(
+            "--key {name:?} is blank; give the lock's name, such as jobs/report"
+        )));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(bad(format!(
+            "--key {name:?} contains a control character (a line end from a file with CRLF \
+             line ends?); remove it"
+        )));
+    }
+    if name.trim() != name {
+        return Err(bad(format!(
+            "--key {name:?} starts or ends with whitespace; remove it"
+        )));
+    }
+    if name.ends_with('/') {
+        return Err(bad(format!(
+            "--key {name} ends with `/`; the lock's keys are NAME/<lease>, so give the name without it"
+        )));
+    }
+    Ok(name.to_string())
 }
 
 /// Keys are sent as a URL path: Consul redirects unclean paths and rejects a leading `/` (its Go
@@ -779,17 +1156,122 @@ pub fn parse_signal(s: &str) -> Result<Signal, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
 
     fn run_args(extra: &[&str]) -> Result<RunConfig, ConfigError> {
         let mut argv = vec!["consul-leader", "run", "--key", "jobs/a"];
         argv.extend_from_slice(extra);
         argv.extend_from_slice(&["--", "true"]);
-        let cli = crate::cli::Cli::try_parse_from(argv).unwrap();
+        let cli = crate::cli::try_parse_from(argv).unwrap();
         match cli.command {
             crate::cli::Command::Run(args) => RunConfig::from_args(&args),
             _ => unreachable!(),
         }
+    }
+
+    fn etcd_args(extra: &[&str]) -> Result<RunConfig, ConfigError> {
+        let mut argv = vec!["--etcd-endpoints", "http://127.0.0.1:2379"];
+        argv.extend_from_slice(extra);
+        run_args(&argv)
+    }
+
+    #[test]
+    fn an_explicit_flag_picks_the_engine_and_mixes_are_refused() {
+        let ids = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        // Flags win over every variable.
+        assert_eq!(
+            pick_engine(&ids(&["etcd_endpoints"]), false, true).unwrap(),
+            EngineKind::Etcd
+        );
+        assert_eq!(
+            pick_engine(&ids(&["http_addr"]), true, false).unwrap(),
+            EngineKind::Consul
+        );
+        assert_eq!(
+            pick_engine(&ids(&["etcd_cacert"]), false, false).unwrap(),
+            EngineKind::Etcd
+        );
+        // Flags of both engines, or both variables and no flag: ambiguous, a usage error.
+        let e = pick_engine(&ids(&["etcd_endpoints", "token"]), false, false).unwrap_err();
+        assert!(
+            e.0.contains("--etcd-endpoints") && e.0.contains("--token"),
+            "{e}"
+        );
+        let e = pick_engine(&[], true, true).unwrap_err();
+        assert!(
+            e.0.contains("ETCDCTL_ENDPOINTS") && e.0.contains("CONSUL_HTTP_ADDR"),
+            "{e}"
+        );
+        // One variable: its engine; nothing: Consul, as always.
+        assert_eq!(pick_engine(&[], true, false).unwrap(), EngineKind::Etcd);
+        assert_eq!(pick_engine(&[], false, true).unwrap(), EngineKind::Consul);
+        assert_eq!(pick_engine(&[], false, false).unwrap(), EngineKind::Consul);
+        // Options that are not about connecting choose nothing.
+        assert_eq!(
+            pick_engine(&ids(&["ttl", "key"]), true, false).unwrap(),
+            EngineKind::Etcd
+        );
+    }
+
+    #[test]
+    fn etcd_runs_need_a_silence_that_covers_the_ttl_on_its_own() {
+        let c = etcd_args(&["--ttl", "5s", "--silence", "5s", "--grace", "1s"]).unwrap();
+        assert!(matches!(c.engine, Engine::Etcd(_)));
+        assert_eq!(c.lock_delay, Duration::ZERO, "etcd has no lock-delay");
+        // Consul accepts a lock-delay that covers the TTL; etcd has none.
+        let e = etcd_args(&["--ttl", "10s", "--silence", "2s", "--grace", "1s"]).unwrap_err();
+        assert!(
+            e.0.contains("--silence")
+                && e.0.contains("no lock-delay")
+                && e.0.contains("at least 10s"),
+            "{e}"
+        );
+        assert!(!e.0.contains('\n'), "one line: {e}");
+    }
+
+    #[test]
+    fn etcd_refuses_what_only_consul_has() {
+        let e = etcd_args(&["--ttl", "2500ms", "--silence", "3s", "--grace", "1s"]).unwrap_err();
+        assert!(e.0.contains("whole"), "{e}");
+        for flag in [["--lock-delay", "15s"], ["--check", "c1"], ["--name", "n"]] {
+            let e = etcd_args(&flag).unwrap_err();
+            assert!(e.0.contains(flag[0]) && e.0.contains("Consul"), "{e}");
+        }
+        let e = etcd_args(&["--no-node-check"]).unwrap_err();
+        assert!(e.0.contains("--no-node-check"), "{e}");
+        let e = etcd_args(&["--priority-window", "10s"]).unwrap_err();
+        assert!(e.0.contains("first-come"), "{e}");
+        // A Consul flag beside an etcd one: which engine was meant?
+        let e = etcd_args(&["--http-addr", "127.0.0.1:8500"]).unwrap_err();
+        assert!(e.0.contains("two engines"), "{e}");
+    }
+
+    #[test]
+    fn etcd_endpoints_and_names_are_checked() {
+        let tls = |e: &str| normalize_endpoint(e, true, "--etcd-endpoints");
+        let plain = |e: &str| normalize_endpoint(e, false, "--etcd-endpoints");
+        assert_eq!(plain("127.0.0.1:2379").unwrap(), "http://127.0.0.1:2379");
+        assert_eq!(tls("127.0.0.1:2379").unwrap(), "https://127.0.0.1:2379");
+        assert_eq!(plain("https://h:1/").unwrap(), "https://h:1");
+        assert!(plain("unix:///run/etcd.sock").is_err());
+        assert!(plain("http://h:1/v3").is_err());
+        let c = run_args(&["--etcd-endpoints", " http://a:1, b:2 ,"]).unwrap();
+        match c.engine {
+            Engine::Etcd(e) => assert_eq!(e.endpoints, ["http://a:1", "http://b:2"]),
+            other => panic!("{other:?}"),
+        }
+        // etcd lock names may start with `/`, as etcdctl users write them.
+        assert_eq!(validate_etcd_name("/locks/job").unwrap(), "/locks/job");
+        for bad in ["", " x", "x/", "a\rb"] {
+            assert!(validate_etcd_name(bad).is_err(), "{bad:?}");
+        }
+        let e = etcd_args(&["--etcd-user", "root"]).unwrap_err();
+        assert!(e.0.contains("ETCDCTL_PASSWORD"), "{e}");
+        let c = etcd_args(&["--etcd-user", "root:pw-s3cret"]).unwrap();
+        assert!(
+            !format!("{:?}", c.engine).contains("s3cret"),
+            "{:?}",
+            c.engine
+        );
     }
 
     #[test]

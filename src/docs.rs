@@ -97,6 +97,30 @@ const CONNECTION_ENV: &[(&str, &str)] = &[
         "CONSUL_PARTITION",
         "Consul Enterprise admin partition (--partition wins); Consul CE refuses it.",
     ),
+    (
+        "ETCDCTL_ENDPOINTS",
+        "Use etcd at these comma-separated endpoints instead of Consul (--etcd-endpoints wins).",
+    ),
+    (
+        "ETCDCTL_CACERT",
+        "A CA certificate (PEM) to verify etcd with (--etcd-cacert wins).",
+    ),
+    (
+        "ETCDCTL_CERT",
+        "A client certificate (PEM) for etcd; needs ETCDCTL_KEY (--etcd-cert wins).",
+    ),
+    (
+        "ETCDCTL_KEY",
+        "The etcd client certificate's private key (PEM) (--etcd-key wins).",
+    ),
+    (
+        "ETCDCTL_USER",
+        "The etcd user, NAME or NAME:PASSWORD (--etcd-user wins). Never passed to the command.",
+    ),
+    (
+        "ETCDCTL_PASSWORD",
+        "The etcd user's password (--etcd-password wins). Never passed to the command.",
+    ),
 ];
 
 const RUN_ENV: &[(&str, &str)] = &[
@@ -121,7 +145,10 @@ const RUN_ENV: &[(&str, &str)] = &[
 
 const RUN_CHILD_ENV: &[(&str, &str)] = &[
     ("CONSUL_LEADER_KEY", "The key."),
-    ("CONSUL_LEADER_SESSION", "The Consul session that holds it."),
+    (
+        "CONSUL_LEADER_SESSION",
+        "The Consul session that holds it (on etcd, the lease id).",
+    ),
     (
         "CONSUL_LEADER_FENCING_TOKEN",
         "A number that grows with every new holder of the key: store it with every write \
@@ -131,7 +158,17 @@ const RUN_CHILD_ENV: &[(&str, &str)] = &[
     (
         "CONSUL_LOCK_HELD",
         "true, for scripts written for consul lock. CONSUL_HTTP_TOKEN, CONSUL_HTTP_TOKEN_FILE, \
-         NOTIFY_SOCKET and WATCHDOG_* are removed; everything else is passed on.",
+         ETCDCTL_USER, ETCDCTL_PASSWORD, NOTIFY_SOCKET and WATCHDOG_* are removed; everything \
+         else is passed on.",
+    ),
+    (
+        "ETCD_LOCK_KEY",
+        "On etcd only: the holder's key, NAME/<lease id>, as etcdctl lock sets it.",
+    ),
+    (
+        "ETCD_LOCK_REV",
+        "On etcd only: the revision of the transaction that gave the lock, as etcdctl lock sets \
+         it (the fencing token is the key's create revision).",
     ),
 ];
 
@@ -145,8 +182,8 @@ const RUN_EXIT: &[(&str, &str)] = &[
     ),
     (
         "125",
-        "Consul unreachable, ACL denied, a bad answer, or an internal error; the command did not \
-         start, or was stopped.",
+        "Consul (or etcd) unreachable, access denied, a bad answer, or an internal error; the \
+         command did not start, or was stopped.",
     ),
     ("126", "The command cannot be executed."),
     ("127", "The command was not found."),
@@ -177,7 +214,7 @@ const STATUS_EXIT: &[(&str, &str)] = &[
     ),
     (
         "125",
-        "Consul could not be asked (unreachable, ACL denied, a bad answer).",
+        "Consul (or etcd) could not be asked (unreachable, access denied, a bad answer).",
     ),
     ("2", "Usage error."),
 ];
@@ -242,6 +279,12 @@ pub const RUN: Page = Page {
          own command, on the keys of consul lock -n N and Go's api.Semaphore (KEY/.lock and one \
          KEY/<session> per contender); every guarantee above holds per slot. A contender that \
          finds another limit on the prefix refuses with exit 125.",
+        "With --etcd-endpoints (or ETCDCTL_ENDPOINTS) the lock is etcd's, in the layout of \
+         etcdctl lock NAME (a lease with TTL --ttl, the key NAME/<lease id>, first come, first \
+         served), so each excludes the other; the command also gets ETCD_LOCK_KEY and \
+         ETCD_LOCK_REV. etcd has no lock-delay: --silence must be at least --ttl. A flag of one \
+         engine wins over the other's variables; flags of both, or ETCDCTL_ENDPOINTS and \
+         CONSUL_HTTP_ADDR both set without a flag, are refused.",
         "Durations are written like 500ms, 15s or 2m. Combinations that cannot be safe are \
          refused with a usage error that says why.",
     ],
@@ -262,6 +305,10 @@ pub const RUN: Page = Page {
         (
             "At most two backups at once across every host (a semaphore, as consul lock -n 2):",
             "consul-leader run --key jobs/backup --limit 2 -- backup.sh",
+        ),
+        (
+            "On etcd, excluding etcdctl lock jobs/report too:",
+            "consul-leader run --etcd-endpoints http://10.0.0.1:2379 \\\n    --key jobs/report -- report",
         ),
         (
             "A shell pipeline, as one string:",
@@ -288,6 +335,10 @@ pub const STATUS: Page = Page {
         "For the prefix of a semaphore (run --limit N, consul lock -n N: the key itself does not \
          exist, KEY/.lock does), it prints the limit, each holder (holder and pid, session, since \
          when, fencing token, node, whether its session still lives) and the free slots.",
+        "On etcd (--etcd-endpoints or ETCDCTL_ENDPOINTS), the lock's queue: the holder (its key, \
+         lease, lease TTL left, create revision as the fencing token, and who it is when it is \
+         consul-leader), the waiters (keys of etcdctl lock too), and the record of the last \
+         consul-leader holder (NAME.consul-leader): whether it released cleanly.",
     ],
     exit_codes: STATUS_EXIT,
     examples: &[
@@ -298,6 +349,10 @@ pub const STATUS: Page = Page {
         (
             "The holder, for a script:",
             "consul-leader status --key jobs/report --json | jq -r .holder",
+        ),
+        (
+            "An etcd lock: its holder, its waiters, and the last record:",
+            "consul-leader status --etcd-endpoints http://10.0.0.1:2379 \\\n    --key jobs/report",
         ),
     ],
     env: CONNECTION_ENV,

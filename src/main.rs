@@ -11,6 +11,7 @@ mod demo;
 mod dev_agent;
 mod docs;
 mod election;
+mod etcd;
 mod exit;
 mod keeper;
 mod lock;
@@ -23,18 +24,16 @@ mod wire;
 
 use std::process::ExitCode;
 
-use clap::Parser;
-
 fn main() -> ExitCode {
     // `run` re-executes this binary as the keeper of its command (see `keeper`), before any
     // command-line parsing.
     if let Some(code) = keeper::main_if_keeper() {
         return code;
     }
-    let cli = cli::Cli::parse();
+    let cli = cli::parse();
     match cli.command {
         cli::Command::Run(args) => app::main(args),
-        cli::Command::Status(args) => status::main(args),
+        cli::Command::Status(args) => status::main(*args),
         cli::Command::DevAgent(args) => dev_agent::main(args),
         cli::Command::Demo => demo::main(),
         cli::Command::GenerateDocs { out_dir } => match docs::write_all(&out_dir) {

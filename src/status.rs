@@ -6,13 +6,17 @@
 //! For a semaphore's prefix (`run --limit N`, `consul lock -n N`: the key itself does not exist,
 //! `KEY/.lock` is the coordination key): the limit, each holder and the free slots; exit 0 while
 //! any slot is held, 1 when none is.
+//!
+//! On etcd (`--etcd-endpoints`), the lock's queue: its holder (the lowest create revision under
+//! `NAME/`), the waiters, and the marker's record of the last consul-leader holder; keys of
+//! `etcdctl lock` are listed too. Exit 0 when held, 1 when free.
 
 use std::process::ExitCode;
 
 use serde::Serialize;
 
 use crate::cli::StatusArgs;
-use crate::config::{ConsulConfig, validate_key};
+use crate::config::{ConsulConfig, Engine, EtcdConfig, validate_etcd_name, validate_key};
 use crate::consul::{Client, ReadOpts};
 use crate::election::HolderValue;
 use crate::exit;
@@ -69,7 +73,20 @@ struct Report {
 const NOT_A_LOCK: u8 = 3;
 
 pub fn main(args: StatusArgs) -> ExitCode {
-    let consul = match validate_key(&args.key).and_then(|_| ConsulConfig::from_args(&args.consul)) {
+    let consul = match Engine::from_args(&args.consul, &args.etcd, &args.given) {
+        Ok(Engine::Consul(c)) => validate_key(&args.key).map(|_| c),
+        Ok(Engine::Etcd(e)) => {
+            return match validate_etcd_name(&args.key) {
+                Ok(name) => etcd_main(e, &name, args.json),
+                Err(e) => {
+                    eprintln!("consul-leader: {e}");
+                    ExitCode::from(exit::USAGE)
+                }
+            };
+        }
+        Err(e) => Err(e),
+    };
+    let consul = match consul {
         Ok(c) => c,
         Err(e) => {
             eprintln!("consul-leader: {e}");
@@ -333,6 +350,246 @@ fn render(r: &Report) -> String {
     }
     line("fencing token", &r.fencing_token.to_string());
     line("written by", r.written_by);
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// etcd
+// ---------------------------------------------------------------------------------------------
+
+/// One key of an etcd lock's queue, for `status`.
+#[derive(Debug, Serialize, PartialEq)]
+struct QueueEntry {
+    key: String,
+    /// The lease, in hex as etcd's tools print it.
+    lease: String,
+    /// The key's create revision: for the holder, its fencing token.
+    create_revision: i64,
+    /// `consul-leader`, or `etcdctl lock / other` for a key with a value that is not ours.
+    written_by: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    holder: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    host: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pid: Option<u32>,
+    /// When a consul-leader contender queued, or (the holder) won.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    since: Option<String>,
+}
+
+/// The marker's record of the last consul-leader holder.
+#[derive(Debug, Serialize, PartialEq)]
+struct LastRecord {
+    key: String,
+    create_revision: i64,
+    holder: String,
+    /// False while that holder holds the lock, or after it ended without the clean mark.
+    released_clean: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    released_at: Option<String>,
+}
+
+/// What `status --json` prints for an etcd lock.
+#[derive(Debug, Serialize, PartialEq)]
+struct EtcdReport {
+    engine: &'static str,
+    key: String,
+    /// `held` or `free`.
+    state: &'static str,
+    held: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    owner: Option<QueueEntry>,
+    /// The holder's key's create revision (its command's CONSUL_LEADER_FENCING_TOKEN).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fencing_token: Option<i64>,
+    /// Seconds left on the holder's lease, as etcd counts them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lease_ttl_left: Option<i64>,
+    waiters: Vec<QueueEntry>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_record: Option<LastRecord>,
+}
+
+fn etcd_main(etcd: EtcdConfig, name: &str, json: bool) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("consul-leader: cannot start the async runtime: {e}");
+            return ExitCode::from(exit::INTERNAL);
+        }
+    };
+    match runtime.block_on(etcd_report(&etcd, name)) {
+        Ok(r) => {
+            if json {
+                println!("{}", serde_json::to_string(&r).unwrap_or_default());
+            } else {
+                print!("{}", render_etcd(&r));
+            }
+            ExitCode::from(if r.held { 0 } else { 1 })
+        }
+        Err(e) => {
+            eprintln!(
+                "consul-leader: cannot read the lock {name} from etcd at {}: {e}",
+                etcd.endpoints.join(",")
+            );
+            ExitCode::from(exit::INTERNAL)
+        }
+    }
+}
+
+async fn etcd_report(etcd: &EtcdConfig, name: &str) -> Result<EtcdReport, crate::etcd::EtcdError> {
+    let client = crate::etcd::connect(etcd, &etcd.endpoints).await?;
+    crate::etcd::on_any_endpoint(etcd, &client, |c| read_etcd(c, name)).await
+}
+
+/// The queue and the marker, read through `client`.
+async fn read_etcd(
+    client: etcd_client::Client,
+    name: &str,
+) -> Result<EtcdReport, crate::etcd::EtcdError> {
+    use crate::etcd::{REQUEST_TIMEOUT, bounded, marker_key, prefix};
+    use etcd_client::{GetOptions, SortOrder, SortTarget};
+    let queue = bounded(
+        REQUEST_TIMEOUT,
+        client.clone().get(
+            prefix(name),
+            Some(
+                GetOptions::new()
+                    .with_prefix()
+                    .with_sort(SortTarget::Create, SortOrder::Ascend),
+            ),
+        ),
+    )
+    .await?;
+    let marker = bounded(REQUEST_TIMEOUT, client.clone().get(marker_key(name), None)).await?;
+    let entries: Vec<crate::etcd::Entry> =
+        queue.kvs().iter().map(crate::etcd::Entry::from).collect();
+    let record = marker
+        .kvs()
+        .first()
+        .and_then(|kv| crate::etcd::Marker::parse(kv.value()).ok());
+    let mut r = describe_etcd(name, &entries, record.as_ref());
+    if let Some(owner) = entries.first() {
+        if let Ok(ttl) = bounded(
+            REQUEST_TIMEOUT,
+            client.clone().lease_time_to_live(owner.lease, None),
+        )
+        .await
+        {
+            r.lease_ttl_left = Some(ttl.ttl());
+        }
+    }
+    Ok(r)
+}
+
+fn queue_entry(e: &crate::etcd::Entry) -> QueueEntry {
+    let v = e.holder();
+    QueueEntry {
+        key: e.key.clone(),
+        lease: crate::etcd::lease_hex(e.lease),
+        create_revision: e.create_revision,
+        written_by: if v.is_some() {
+            "consul-leader"
+        } else {
+            "etcdctl lock / other"
+        },
+        holder: v.as_ref().map(|v| v.holder.clone()),
+        id: v.as_ref().and_then(|v| v.id.clone()),
+        host: v.as_ref().map(|v| v.host.clone()),
+        pid: v.as_ref().map(|v| v.pid),
+        since: v.as_ref().map(|v| v.acquired_at.clone()),
+    }
+}
+
+/// Everything the queue and the marker tell.
+fn describe_etcd(
+    name: &str,
+    entries: &[crate::etcd::Entry],
+    record: Option<&crate::etcd::Marker>,
+) -> EtcdReport {
+    let owner = entries.first().map(queue_entry);
+    EtcdReport {
+        engine: "etcd",
+        key: name.to_string(),
+        state: if owner.is_some() { "held" } else { "free" },
+        held: owner.is_some(),
+        fencing_token: owner.as_ref().map(|o| o.create_revision),
+        owner,
+        lease_ttl_left: None,
+        waiters: entries.iter().skip(1).map(queue_entry).collect(),
+        last_record: record.map(|m| LastRecord {
+            key: m.lock_key.clone(),
+            create_revision: m.create_revision,
+            holder: m.holder.holder.clone(),
+            released_clean: m.holder.is_clean(),
+            released_at: m.holder.released_at.clone(),
+        }),
+    }
+}
+
+fn render_etcd(r: &EtcdReport) -> String {
+    let mut out = String::new();
+    let mut line = |label: &str, value: &str| out.push_str(&format!("{label:<15} {value}\n"));
+    line("lock", &r.key);
+    line("engine", "etcd");
+    line("state", r.state);
+    if let Some(o) = &r.owner {
+        line("holder", o.holder.as_deref().unwrap_or(&o.key));
+        if let Some(id) = &o.id {
+            line("id", id);
+        }
+        line("key", &o.key);
+        line("lease", &o.lease);
+        if let Some(ttl) = r.lease_ttl_left {
+            line("lease ttl left", &format!("{ttl}s"));
+        }
+        line(
+            "since",
+            o.since
+                .as_deref()
+                .unwrap_or("unknown (not written by consul-leader)"),
+        );
+        line("fencing token", &o.create_revision.to_string());
+        line("written by", o.written_by);
+    }
+    line("waiters", &r.waiters.len().to_string());
+    for w in &r.waiters {
+        line(
+            "  waiting",
+            &format!(
+                "{} (lease {}, create revision {}, {})",
+                w.holder.as_deref().unwrap_or(&w.key),
+                w.lease,
+                w.create_revision,
+                w.written_by
+            ),
+        );
+    }
+    if let Some(l) = &r.last_record {
+        let how = match (
+            r.owner.as_ref().map(|o| &o.key) == Some(&l.key),
+            l.released_clean,
+        ) {
+            (true, _) => "holds the lock now".to_string(),
+            (false, true) => format!(
+                "released cleanly{}",
+                l.released_at
+                    .as_deref()
+                    .map(|t| format!(", at {t}"))
+                    .unwrap_or_default()
+            ),
+            (false, false) => {
+                "ended without a clean release (the next leader waits its silence)".into()
+            }
+        };
+        line("last record", &format!("{} ({}): {how}", l.holder, l.key));
+    }
     out
 }
 
@@ -719,6 +976,56 @@ mod tests {
         assert!(
             text.contains("limit           3") && text.contains("s1, s2"),
             "{text}"
+        );
+    }
+
+    fn etcd_entry(key: &str, rev: i64, value: &[u8]) -> crate::etcd::Entry {
+        crate::etcd::Entry {
+            key: key.into(),
+            create_revision: rev,
+            mod_revision: rev,
+            lease: 0x1f,
+            value: value.to_vec(),
+        }
+    }
+
+    #[test]
+    fn an_etcd_queue_names_its_holder_and_waiters() {
+        let v = HolderValue::new(
+            "web1",
+            "web1",
+            &SessionId("1f".into()),
+            &TIMING,
+            Duration::ZERO,
+        );
+        let entries = [
+            etcd_entry("jobs/a/1f", 7, &v.to_bytes()),
+            etcd_entry("jobs/a/2e", 9, b""),
+        ];
+        let record = crate::etcd::Marker::new("jobs/a/1f", 7, v.clone());
+        let r = describe_etcd("jobs/a", &entries, Some(&record));
+        assert!(r.held);
+        assert_eq!(r.fencing_token, Some(7));
+        assert_eq!(r.owner.as_ref().unwrap().holder, v.holder.clone().into());
+        assert_eq!(r.waiters.len(), 1);
+        assert_eq!(r.waiters[0].written_by, "etcdctl lock / other");
+        let text = render_etcd(&r);
+        assert!(text.contains("holds the lock now"), "{text}");
+        // Free, after a clean release.
+        let r = describe_etcd(
+            "jobs/a",
+            &[],
+            Some(&crate::etcd::Marker::new(
+                "jobs/a/1f",
+                7,
+                v.released_clean(),
+            )),
+        );
+        assert!(!r.held);
+        assert!(
+            render_etcd(&r).contains("released cleanly"),
+            "{}",
+            render_etcd(&r)
         );
     }
 }

@@ -10,9 +10,11 @@
 //! with its pure rules in `election` (or beside it), unit-tested. Two protocols run on Consul:
 //! the mutex in the layout of Go's `api.Lock` ([`consul`], `--limit 1`) and the semaphore in the
 //! layout of `api.Semaphore` ([`semaphore`], `--limit N`); both live in sessions opened, renewed
-//! and destroyed by [`session`].
+//! and destroyed by [`session`]. One runs on etcd: etcd's mutex in the layout of its
+//! `concurrency` package and `etcdctl lock` ([`etcd`]), where a term is a lease.
 
 pub mod consul;
+pub mod etcd;
 pub mod semaphore;
 pub mod session;
 
@@ -83,6 +85,12 @@ pub trait Won {
     fn fencing_token(&self) -> u64;
     /// Until when the child must wait for earlier holders (`None`: it may start at once).
     fn owed_until(&self) -> Option<BootTime>;
+    /// Variables this protocol gives the child beside the common ones, so that scripts written
+    /// for the engine's own tool keep working (etcd: `ETCD_LOCK_KEY` and `ETCD_LOCK_REV`, as
+    /// `etcdctl lock` sets them). None by default.
+    fn child_env(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
 }
 
 /// Why a term could not be opened.

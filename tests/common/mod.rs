@@ -30,6 +30,7 @@ use nix::unistd::Pid;
 use reqwest::header::HeaderMap;
 use serde_json::{Value, json};
 
+pub mod etcd;
 pub mod leader;
 pub mod proxy;
 pub mod semaphore;
