@@ -792,12 +792,6 @@ fn describe_proc(p: u32) -> String {
     )
 }
 
-/// Whether `pid` runs `consul-leader __keeper` (`keeper::SUBCOMMAND`).
-fn is_keeper(pid: u32) -> bool {
-    std::fs::read(format!("/proc/{pid}/cmdline"))
-        .is_ok_and(|c| c.split(|b| *b == 0).nth(1) == Some(&b"__keeper"[..]))
-}
-
 fn descends_from(pid: u32, ancestor: u32) -> bool {
     let mut p = pid;
     for _ in 0..64 {
@@ -2588,26 +2582,15 @@ impl Chaos {
     }
 
     /// No process of an earlier leader outlives its leadership: everything the test's children
-    /// left alive belongs to the leader's wrapper, but for a keeper that a standby started ahead
-    /// of time (its own child, childless, waiting for what to run). The test kills nothing
+    /// left alive belongs to the leader's wrapper (`Fixture::live` leaves out the keeper a
+    /// standby starts ahead of time, childless, waiting for what to run). The test kills nothing
     /// itself, so a leftover (a daemon of a SIGKILLed wrapper's child, say) is a failure.
     fn check_strays(&self, l: &Leader) {
-        let standbys: Vec<u32> = self
-            .contenders
-            .iter()
-            .map(|c| c.proc.pid())
-            .filter(|p| *p != l.wrapper_pid)
-            .collect();
         let strays: Vec<String> = self
             .fx
             .live()
             .into_iter()
             .filter(|p| pid_alive(*p) && !descends_from(*p, l.wrapper_pid))
-            .filter(|p| {
-                !(parent(*p).is_some_and(|pp| standbys.contains(&pp))
-                    && is_keeper(*p)
-                    && tree_of(*p).len() == 1)
-            })
             .map(describe_proc)
             .collect();
         self.check(strays.is_empty(), || {

@@ -277,7 +277,7 @@ pub fn marked_processes(marker: &str) -> Vec<u32> {
         if !env.split(|b| *b == 0).any(|var| var == needle.as_bytes()) {
             continue;
         }
-        if is_zombie(pid) || parent(pid) == Some(me) || is_spare_keeper(pid) {
+        if is_zombie(pid) || parent(pid) == Some(me) || is_spare_keeper(pid, me) {
             continue;
         }
         pids.push(pid);
@@ -285,12 +285,13 @@ pub fn marked_processes(marker: &str) -> Vec<u32> {
     pids
 }
 
-/// A keeper that a live wrapper started ahead of time and that runs nothing yet (a standby's:
-/// `Supervisor::prepare`). It is the wrapper's, like the wrapper itself; it exits when the wrapper
-/// does. A keeper with a command, or one whose wrapper is gone, still counts.
-fn is_spare_keeper(pid: u32) -> bool {
-    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-    if comm.trim() != "cl-keeper" {
+/// A keeper that one of this test's live wrappers started ahead of time and that runs nothing yet
+/// (a standby's: `Supervisor::prepare`), caught before or after its exec (it is the same binary
+/// either way). It is the wrapper's, like the wrapper itself, and exits when the wrapper does. A
+/// keeper with a command, or one whose wrapper is gone, still counts.
+fn is_spare_keeper(pid: u32, me: u32) -> bool {
+    let ours = std::fs::canonicalize(super::bin_path()).ok();
+    if std::fs::read_link(format!("/proc/{pid}/exe")).ok() != ours {
         return false;
     }
     let has_children = std::fs::read_dir(format!("/proc/{pid}/task"))
@@ -301,8 +302,8 @@ fn is_spare_keeper(pid: u32) -> bool {
             std::fs::read_to_string(task.path().join("children"))
                 .is_ok_and(|c| !c.trim().is_empty())
         });
-    let wrapper_alive = parent(pid).is_some_and(|p| p > 1 && pid_alive(p));
-    !has_children && wrapper_alive
+    let under_a_live_wrapper = parent(pid).is_some_and(|w| pid_alive(w) && parent(w) == Some(me));
+    !has_children && under_a_live_wrapper
 }
 
 /// The wrapper that started `child`: the parent of the child's keeper (`supervisor`'s module
