@@ -183,9 +183,9 @@ const SHORT_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct Client {
     http: reqwest::Client,
-    /// For renews only: keeps no idle connection, so every renew goes out on a fresh one. A
-    /// pooled connection may be silently dead (a partition that outlived the TCP stream, state
-    /// lost in a NAT), and a renew that waits on it wastes the time the fence leaves.
+    /// For hedged renews only: keeps no idle connection, so every request goes out on a fresh
+    /// one. A pooled connection may be silently dead (a partition that outlived the TCP stream,
+    /// state lost in a NAT), and a hedge that waited on it would waste the time the fence leaves.
     renew_http: reqwest::Client,
     cfg: ConsulConfig,
 }
@@ -426,19 +426,22 @@ impl Client {
         Ok(SessionId(created.id))
     }
 
-    /// Renews the session. `Ok(None)`: Consul no longer knows it (expired or destroyed).
+    /// Renews the session. `Ok(None)`: Consul no longer knows it (expired or destroyed). A
+    /// `fresh` renew goes out on a connection of its own (a hedge, while another is outstanding
+    /// and its connection may be dead); the others reuse a pooled one, which costs less.
     pub async fn session_renew(
         &self,
         id: &SessionId,
         timeout: Duration,
+        fresh: bool,
     ) -> Result<Option<SessionEntry>, ConsulError> {
         const OP: &str = "session renew";
+        let http = if fresh { &self.renew_http } else { &self.http };
         let (status, _, body) = self
             .send(
                 OP,
                 || "session:write on this agent's node".into(),
-                self.renew_http
-                    .put(self.url(&format!("/v1/session/renew/{id}"), &[])),
+                http.put(self.url(&format!("/v1/session/renew/{id}"), &[])),
                 timeout,
             )
             .await?;

@@ -22,10 +22,8 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
-
 use common::leader::{DEADLINE, Event, Fixture, Timing, WrapperBuilder, exit_of, now_us};
-use common::{DevAgent, Proc, wait_until_sync};
+use common::{DevAgent, IdleProcesses, Proc, wait_until_sync};
 use nix::sys::signal::Signal;
 
 const ROUNDS_ENV: &str = "CONSUL_LEADER_BENCH_ROUNDS";
@@ -131,37 +129,6 @@ fn handovers(agent: &DevAgent, label: &str, rounds: usize) -> Handovers {
 fn stop(w: &mut Proc) {
     w.signal(Signal::SIGTERM);
     exit_of(w);
-}
-
-/// `count` idle processes (`sleep`), killed and reaped on drop.
-struct IdleProcesses(Vec<Child>);
-
-impl IdleProcesses {
-    fn start(count: usize) -> IdleProcesses {
-        let mut all = IdleProcesses(Vec::with_capacity(count));
-        for _ in 0..count {
-            let child = Command::new("sleep")
-                .arg("1000000")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("spawn an idle process (is `ulimit -u` high enough?)");
-            all.0.push(child);
-        }
-        all
-    }
-}
-
-impl Drop for IdleProcesses {
-    fn drop(&mut self) {
-        for child in &mut self.0 {
-            let _ = child.kill();
-        }
-        for child in &mut self.0 {
-            let _ = child.wait();
-        }
-    }
 }
 
 fn number(var: &str, default: usize) -> usize {

@@ -73,8 +73,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare, CompareOp, DeleteOptions, EventType, GetOptions, PutOptions, SortOrder,
-    SortTarget, Txn, TxnOp, TxnOpResponse, TxnResponse, WatchFilterType, WatchOptions,
+    Client, Compare, CompareOp, DeleteOptions, EventType, GetOptions, LeaseKeepAliveStream,
+    LeaseKeeper, PutOptions, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse, TxnResponse,
+    WatchFilterType, WatchOptions,
 };
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
@@ -805,26 +806,45 @@ enum Renewed {
     Gone(&'static str),
 }
 
-/// One renew: a keep-alive, then, while we hold the lock, a linearizable read of our key (module
-/// docs, 1).
+/// An open keep-alive stream: the regular renews share one, as `etcdctl` keeps one for its whole
+/// life, instead of opening a gRPC stream per renew.
+type KeepAliveStream = (LeaseKeeper, LeaseKeepAliveStream);
+
+/// One renew: a keep-alive (on `stream` when one is open, else on a new stream), then, while we
+/// hold the lock, a linearizable read of our key (module docs, 1). Returns the stream, still
+/// open, when the renew went through, for the next regular renew.
 async fn renew_once(
     mut client: Client,
     lease: i64,
     mine: Option<Mine>,
     limit: Duration,
-) -> Result<Renewed, EtcdError> {
+    stream: Option<KeepAliveStream>,
+) -> (Result<Renewed, EtcdError>, Option<KeepAliveStream>) {
     let work = async {
-        match client
-            .lease_keep_alive(lease)
-            .await
-            .map_err(EtcdError::from)
-        {
-            Ok(_) => {}
-            Err(EtcdError::NotFound(_)) => return Ok(Renewed::Gone("the lease was not found")),
-            Err(e) => return Err(e),
-        }
+        let stream = match stream {
+            Some((mut keeper, mut answers)) => {
+                keeper.keep_alive().await.map_err(EtcdError::from)?;
+                match answers.message().await.map_err(EtcdError::from)? {
+                    Some(answer) if answer.ttl() > 0 => (keeper, answers),
+                    Some(_) => return Ok((Renewed::Gone("the lease was not found"), None)),
+                    None => return Err(EtcdError::Transient("etcd closed the keep-alive".into())),
+                }
+            }
+            // Opening a stream sends the first keep-alive and waits for its answer.
+            None => match client
+                .lease_keep_alive(lease)
+                .await
+                .map_err(EtcdError::from)
+            {
+                Ok(opened) => opened,
+                Err(EtcdError::NotFound(_)) => {
+                    return Ok((Renewed::Gone("the lease was not found"), None));
+                }
+                Err(e) => return Err(e),
+            },
+        };
         let Some(mine) = mine.filter(|m| m.held) else {
-            return Ok(Renewed::Alive);
+            return Ok((Renewed::Alive, Some(stream)));
         };
         let r = client
             .get(mine.key.as_str(), None)
@@ -835,17 +855,23 @@ async fn renew_once(
             .first()
             .is_some_and(|kv| kv.create_revision() == mine.rev && kv.lease() == lease);
         Ok(if ours {
-            Renewed::Alive
+            (Renewed::Alive, Some(stream))
         } else {
-            Renewed::Gone("our key is gone")
+            (Renewed::Gone("our key is gone"), None)
         })
     };
+    // A renew cut short drops its stream with it: a late answer can never be mistaken for the
+    // next renew's.
     match tokio::time::timeout(limit, work).await {
-        Ok(r) => r,
-        Err(_) => Err(EtcdError::Transient(format!(
-            "the renew got no answer within {}",
-            humantime::format_duration(limit)
-        ))),
+        Ok(Ok((renewed, stream))) => (Ok(renewed), stream),
+        Ok(Err(e)) => (Err(e), None),
+        Err(_) => (
+            Err(EtcdError::Transient(format!(
+                "the renew got no answer within {}",
+                humantime::format_duration(limit)
+            ))),
+            None,
+        ),
     }
 }
 
@@ -879,7 +905,15 @@ async fn keep_lease(
     let mut last_ok = first;
     let mut failures = 0u32;
     let mut hedges = 0usize;
-    type Done = (BootTime, Instant, Option<Mine>, Result<Renewed, EtcdError>);
+    // The regular renews' keep-alive stream, while no regular renew has it.
+    let mut stream: Option<KeepAliveStream> = None;
+    type Done = (
+        BootTime,
+        Instant,
+        Option<Mine>,
+        Result<Renewed, EtcdError>,
+        Option<KeepAliveStream>,
+    );
     let mut in_flight: JoinSet<Done> = JoinSet::new();
     loop {
         tokio::select! {
@@ -890,6 +924,7 @@ async fn keep_lease(
                     let main = client.clone();
                     let endpoint = etcd.endpoints[hedges % etcd.endpoints.len()].clone();
                     let etcd = etcd.clone();
+                    let own_stream = if regular { stream.take() } else { None };
                     if !regular {
                         hedges += 1;
                     }
@@ -901,17 +936,21 @@ async fn keep_lease(
                         } else {
                             wire::connect(&etcd, &[endpoint]).await
                         };
-                        let r = match client {
-                            Ok(c) => renew_once(c, lease, checked.clone(), useful).await,
-                            Err(e) => Err(e),
+                        let (r, back) = match client {
+                            Ok(c) => renew_once(c, lease, checked.clone(), useful, own_stream).await,
+                            Err(e) => (Err(e), None),
                         };
-                        (sent, sent_mono, checked, r)
+                        // A hedge's stream is its own connection's: not kept.
+                        (sent, sent_mono, checked, r, if regular { back } else { None })
                     });
                 }
                 next = Instant::now() + hedge;
             }
             Some(done) = in_flight.join_next() => {
-                let Ok((sent, sent_mono, checked, result)) = done else { continue };
+                let Ok((sent, sent_mono, checked, result, back)) = done else { continue };
+                if back.is_some() {
+                    stream = back;
+                }
                 match result {
                     Ok(Renewed::Alive) => {
                         if failures > 0 {

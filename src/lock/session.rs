@@ -258,10 +258,12 @@ async fn keep_session(
                 if in_flight.len() < MAX_RENEWS_IN_FLIGHT {
                     let client = client.clone();
                     let session = session.clone();
+                    // A hedge (another renew is still out) takes a fresh connection.
+                    let fresh = !in_flight.is_empty();
                     in_flight.spawn(async move {
                         let sent = BootTime::now();
                         let sent_mono = Instant::now();
-                        let r = client.session_renew(&session, useful).await;
+                        let r = client.session_renew(&session, useful, fresh).await;
                         (sent, sent_mono, r.map(|found| found.is_some()))
                     });
                 }

@@ -109,6 +109,27 @@ impl Fixture {
         format!("{}/tests/fixtures/child.sh", env!("CARGO_MANIFEST_DIR"))
     }
 
+    /// `tests/fixtures/child.c` compiled into this fixture's directory with the system's C
+    /// compiler (`cc`): a child that journals like the script's `main`, for benchmarks that must
+    /// not time an interpreter's start-up. `None`, with the compiler's complaint on stderr, when
+    /// it cannot be built.
+    pub fn compiled_child(&self) -> Option<PathBuf> {
+        let out = self.dir.join("child");
+        let source = format!("{}/tests/fixtures/child.c", env!("CARGO_MANIFEST_DIR"));
+        let built = Command::new("cc")
+            .args(["-O2", "-o"])
+            .arg(&out)
+            .arg(&source)
+            .status();
+        match built {
+            Ok(st) if st.success() => Some(out),
+            other => {
+                eprintln!("cannot compile {source} with cc: {other:?}");
+                None
+            }
+        }
+    }
+
     /// The journal's events, in order.
     pub fn events(&self) -> Vec<Event> {
         std::fs::read_to_string(&self.journal)

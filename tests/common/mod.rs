@@ -1150,3 +1150,35 @@ pub fn empty_list(v: &Value, field: &str) -> bool {
         _ => false,
     }
 }
+
+/// `count` idle processes (`sleep`), for benchmarks that compare a quiet host with a busy one;
+/// killed and reaped on drop.
+pub struct IdleProcesses(Vec<Child>);
+
+impl IdleProcesses {
+    pub fn start(count: usize) -> IdleProcesses {
+        let mut all = IdleProcesses(Vec::with_capacity(count));
+        for _ in 0..count {
+            let child = Command::new("sleep")
+                .arg("1000000")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn an idle process (is `ulimit -u` high enough?)");
+            all.0.push(child);
+        }
+        all
+    }
+}
+
+impl Drop for IdleProcesses {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+        }
+        for child in &mut self.0 {
+            let _ = child.wait();
+        }
+    }
+}
