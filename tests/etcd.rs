@@ -84,6 +84,13 @@ fn revision(etcd: &Cluster) -> i64 {
     v["header"]["revision"].as_i64().unwrap()
 }
 
+/// How many leases the cluster has granted and not yet revoked.
+fn lease_count(etcd: &Cluster) -> usize {
+    let out = etcd.etcdctl(&["lease", "list", "-w", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["leases"].as_array().map_or(0, Vec::len)
+}
+
 fn stop(w: &mut Proc) {
     w.signal(Signal::SIGTERM);
     let st = exit_of(w);
@@ -383,23 +390,21 @@ fn etcd_wait_zero_on_a_held_lock_exits_busy_and_writes_nothing() {
     let mut a = EtcdWrapper::new(&fx, &ep, &name, &QUICK).spawn();
     nth_start(&fx, 1);
     let before = revision(&etcd);
+    let leases = lease_count(&etcd);
     let started = Instant::now();
     let mut w = EtcdWrapper::new(&fx, &ep, &name, &QUICK)
         .flag("--wait", "0")
         .spawn();
     assert_eq!(exit_of(&mut w).code(), Some(75), "{}", w.output_report());
     assert!(started.elapsed() < Duration::from_secs(10));
-    // One read answered it: no key was put into the queue (a lease is not a key).
+    // One read answered it: no key was put into the queue and no lease was granted.
     assert_eq!(
         revision(&etcd),
         before,
         "the busy try wrote into the key space"
     );
-    assert!(
-        w.stderr_text().contains("is held by"),
-        "{}",
-        w.stderr_text()
-    );
+    assert_eq!(lease_count(&etcd), leases, "the busy try granted a lease");
+    assert!(w.stderr_text().contains("held by"), "{}", w.stderr_text());
     stop(&mut a);
     fx.wait_none_left(DEADLINE);
 }

@@ -766,6 +766,28 @@ impl Protocol for EtcdMutex {
         self.release_record(term, won, clean).await;
     }
 
+    /// `--wait 0`: one read of the queue, before any lease is granted; its first key holds the
+    /// lock. An unreachable cluster answers `None`, and the normal path reports the error.
+    async fn busy(&self) -> Option<String> {
+        let name = &self.cfg.key;
+        let marker = marker_key(name);
+        let first = GetOptions::new()
+            .with_prefix()
+            .with_sort(SortTarget::Create, SortOrder::Ascend)
+            .with_limit(1);
+        let pfx = prefix(name);
+        let look = Txn::new().and_then([
+            TxnOp::get(pfx.as_str(), Some(first)),
+            TxnOp::get(marker.as_str(), None),
+        ]);
+        let r = self.txn(look).await.ok()?;
+        // A marker we did not write is refused on the normal path, with its own message.
+        let got = gets(&r);
+        check_marker(name, &marker, got.get(1)).ok()?;
+        let owner = got.first().and_then(|g| g.first())?;
+        Some(format!("held by {}", describe(owner)))
+    }
+
     /// After a contention was cut short: leave the queue. A claim whose answer we did not see
     /// left a record without the clean mark, which makes our successor wait: safe.
     async fn abandon(&self, term: &mut Term) {
