@@ -109,6 +109,11 @@ pub struct HolderValue {
     /// The wait the holder still owed to earlier holders when it sent its acquire (module docs, 6).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owed_ms: Option<u64>,
+    /// The holder's `--priority-window` in milliseconds, when it set one. Each contender uses
+    /// its own window; in a fleet that shares its settings this one is theirs, and `status`
+    /// uses it to say until when the holder has priority after a fault.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_window_ms: Option<u64>,
     /// `"clean"` once the holder released knowing no earlier child of the key can still run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub released: Option<String>,
@@ -136,6 +141,7 @@ impl HolderValue {
             ttl_ms: Some(millis(timing.ttl)),
             lock_delay_ms: Some(millis(timing.lock_delay)),
             owed_ms: Some(millis(owed)),
+            priority_window_ms: None,
             released: None,
             released_at: None,
         }

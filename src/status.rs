@@ -12,6 +12,7 @@
 //! `etcdctl lock` are listed too. Exit 0 when held, 1 when free.
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use serde::Serialize;
 
@@ -59,6 +60,13 @@ struct Report {
     /// `--priority-window` leave the key to for that window after they see it free.
     #[serde(skip_serializing_if = "Option::is_none")]
     priority: Option<String>,
+    /// The latest moment at which contenders that wait now can still be leaving the key to
+    /// `priority`: now plus the holder's recorded `--priority-window` (RFC 3339, UTC). Each
+    /// counts its window from when it saw the key free, which was no later than now.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    priority_until: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    priority_window_ms: Option<u64>,
     /// Who wrote the key: `consul-leader`, `consul lock / api.Lock`, or `other`.
     written_by: &'static str,
     flags: u64,
@@ -172,6 +180,8 @@ fn describe(key: &str, entry: Option<&KvEntry>) -> Report {
         released_clean: None,
         released_at: None,
         priority: None,
+        priority_until: None,
+        priority_window_ms: None,
         written_by: "other",
         flags: 0,
         limit: None,
@@ -237,6 +247,13 @@ fn describe(key: &str, entry: Option<&KvEntry>) -> Report {
             r.released_at = v.released_at;
             if !clean {
                 r.priority = v.id.clone();
+                if r.priority.is_some() {
+                    r.priority_window_ms = v.priority_window_ms;
+                    r.priority_until = v.priority_window_ms.map(|ms| {
+                        let until = std::time::SystemTime::now() + Duration::from_millis(ms);
+                        humantime::format_rfc3339_seconds(until).to_string()
+                    });
+                }
             }
             r.id = v.id;
         }
@@ -339,13 +356,19 @@ fn render(r: &Report) -> String {
         };
         line("released", &released);
         if let Some(id) = &r.priority {
-            line(
-                "priority",
-                &format!(
-                    "{id} (it lost the lock to a fault; contenders with --priority-window leave it the \
-                     key that long after they see it free)"
+            let text = match (&r.priority_until, r.priority_window_ms) {
+                (Some(until), Some(ms)) => format!(
+                    "{id}, until {until} at the latest for the contenders waiting now (it lost the \
+                     lock to a fault; each contender with --priority-window, {} on {id}, leaves it \
+                     the key that long after it sees the key free)",
+                    humantime::format_duration(Duration::from_millis(ms))
                 ),
-            );
+                _ => format!(
+                    "{id} (it lost the lock to a fault; contenders with --priority-window leave it \
+                     the key that long after they see it free)"
+                ),
+            };
+            line("priority", &text);
         }
     }
     line("fencing token", &r.fencing_token.to_string());

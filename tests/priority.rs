@@ -129,6 +129,26 @@ async fn previous_holder_that_does_not_return_is_replaced_after_the_window() {
     let fault = now_us();
     agent.destroy_session(&session).await;
     assert_eq!(exit_of(&mut a).code(), Some(76), "{}", a.output_report());
+    // While B defers, `status` names who has priority and until when at the latest.
+    let asked = std::time::SystemTime::now();
+    let o = std::process::Command::new(common::bin_path())
+        .args(["status", "--json", "--key", &key])
+        .env("CONSUL_HTTP_ADDR", agent.addr())
+        .env_remove("CONSUL_HTTP_TOKEN")
+        .output()
+        .expect("run status");
+    let json: serde_json::Value = serde_json::from_slice(&o.stdout).expect("status --json");
+    assert_eq!(json["priority"], "host-a", "{json}");
+    assert_eq!(json["priority_window_ms"], 8000, "{json}");
+    let until = humantime::parse_rfc3339(json["priority_until"].as_str().expect("priority_until"))
+        .expect("an RFC 3339 time");
+    let ahead = until
+        .duration_since(asked)
+        .expect("priority_until is after the question");
+    assert!(
+        ahead <= WINDOW + Duration::from_secs(2) && ahead + Duration::from_secs(2) >= WINDOW,
+        "priority_until is {ahead:?} after the question; the window is {WINDOW:?}"
+    );
     let events = fx.wait_journal("B's child started", |ev| starts(ev).len() >= 2);
     let late = starts(&events)[1].time_us - fault;
     assert!(

@@ -312,7 +312,11 @@ impl Protocol for ConsulMutex {
             // still owed when we sent it (election's module docs, 6).
             let owed_until = term.free_watch.owed_until(now);
             let owed = owed_until.map_or(Duration::ZERO, |u| u.saturating_duration_since(now));
-            let value = HolderValue::new(&cfg.host, &cfg.id, &session, &timing, owed);
+            let value = HolderValue {
+                priority_window_ms: (!cfg.priority_window.is_zero())
+                    .then(|| u64::try_from(cfg.priority_window.as_millis()).unwrap_or(u64::MAX)),
+                ..HolderValue::new(&cfg.host, &cfg.id, &session, &timing, owed)
+            };
             term.in_flight = Some(value.clone());
             let failed = match client
                 .kv_acquire(&cfg.key, &session, LOCK_FLAG_VALUE, value.to_bytes())
