@@ -186,7 +186,12 @@ pub struct Client {
     /// For hedged renews only: keeps no idle connection, so every request goes out on a fresh
     /// one. A pooled connection may be silently dead (a partition that outlived the TCP stream,
     /// state lost in a NAT), and a hedge that waited on it would waste the time the fence leaves.
-    renew_http: reqwest::Client,
+    /// Built at the first hedge: most runs never send one, and with https every client reads the
+    /// system's CA store (about 150 files) and keeps it in memory.
+    renew_http: std::sync::OnceLock<reqwest::Client>,
+    /// The TLS server name pinned to the configured address (`pin_server_name`), for
+    /// `renew_http`.
+    pin: Option<(String, Vec<std::net::SocketAddr>)>,
     cfg: ConsulConfig,
 }
 
@@ -196,13 +201,24 @@ impl Client {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let pin = Self::pin_server_name(&mut cfg)?;
         let http = Self::builder(&cfg, pin.as_ref())?.build()?;
-        let renew_http = Self::builder(&cfg, pin.as_ref())?
-            .pool_max_idle_per_host(0)
-            .build()?;
         Ok(Self {
             http,
-            renew_http,
+            renew_http: std::sync::OnceLock::new(),
+            pin,
             cfg,
+        })
+    }
+
+    /// The client of hedged renews, built on first use with the settings `http` was built with
+    /// (which cannot fail then, since they did once; if it did, the pooled client stands in).
+    fn renew_http(&self) -> &reqwest::Client {
+        self.renew_http.get_or_init(|| {
+            Self::builder(&self.cfg, self.pin.as_ref())
+                .and_then(|b| Ok(b.pool_max_idle_per_host(0).build()?))
+                .unwrap_or_else(|e| {
+                    tracing::warn!("hedged renews share the pooled connection: {e:#}");
+                    self.http.clone()
+                })
         })
     }
 
@@ -436,7 +452,7 @@ impl Client {
         fresh: bool,
     ) -> Result<Option<SessionEntry>, ConsulError> {
         const OP: &str = "session renew";
-        let http = if fresh { &self.renew_http } else { &self.http };
+        let http = if fresh { self.renew_http() } else { &self.http };
         let (status, _, body) = self
             .send(
                 OP,
