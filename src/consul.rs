@@ -131,6 +131,30 @@ pub struct ReadOpts {
     pub wait: Option<Duration>,
     /// `?consistent`: the leader confirms it still leads before answering.
     pub consistent: bool,
+    /// Give up after this long instead of the default (5s; a blocking read: its wait, Consul's
+    /// jitter of up to wait/16, and 5s).
+    pub timeout: Option<Duration>,
+    /// On a connection of its own instead of a pooled one, which may be dead (after a read that
+    /// failed).
+    pub fresh: bool,
+}
+
+impl ReadOpts {
+    /// The query parameters these options add, and how long the read may take.
+    fn query(&self, query: &mut Vec<(&'static str, String)>) -> Duration {
+        if self.consistent {
+            query.push(("consistent", String::new()));
+        }
+        let mut timeout = SHORT_TIMEOUT;
+        if self.index.0 > 0 {
+            query.push(("index", self.index.0.to_string()));
+            let wait = self.wait.unwrap_or(Duration::from_secs(300));
+            query.push(("wait", format!("{}ms", wait.as_millis().max(1))));
+            // Consul adds up to wait/16 of jitter; allow for it and for the round trip.
+            timeout = wait + wait / 16 + SHORT_TIMEOUT;
+        }
+        self.timeout.unwrap_or(timeout)
+    }
 }
 
 /// The body of `PUT /v1/session/create`.
@@ -183,14 +207,14 @@ const SHORT_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct Client {
     http: reqwest::Client,
-    /// For hedged renews only: keeps no idle connection, so every request goes out on a fresh
-    /// one. A pooled connection may be silently dead (a partition that outlived the TCP stream,
-    /// state lost in a NAT), and a hedge that waited on it would waste the time the fence leaves.
-    /// Built at the first hedge: most runs never send one, and with https every client reads the
-    /// system's CA store (about 150 files) and keeps it in memory.
-    renew_http: std::sync::OnceLock<reqwest::Client>,
+    /// For hedged renews and a leader's reads after a failed one: keeps no idle connection, so
+    /// every request goes out on a fresh one. A pooled connection may be silently dead (a
+    /// partition that outlived the TCP stream, state lost in a NAT), and a request that waited on
+    /// it would waste the time the fence leaves. Built at first use: most runs never need it, and
+    /// with https every client reads the system's CA store (about 150 files) and keeps it.
+    fresh_http: std::sync::OnceLock<reqwest::Client>,
     /// The TLS server name pinned to the configured address (`pin_server_name`), for
-    /// `renew_http`.
+    /// `fresh_http`.
     pin: Option<(String, Vec<std::net::SocketAddr>)>,
     cfg: ConsulConfig,
 }
@@ -203,20 +227,24 @@ impl Client {
         let http = Self::builder(&cfg, pin.as_ref())?.build()?;
         Ok(Self {
             http,
-            renew_http: std::sync::OnceLock::new(),
+            fresh_http: std::sync::OnceLock::new(),
             pin,
             cfg,
         })
     }
 
-    /// The client of hedged renews, built on first use with the settings `http` was built with
-    /// (which cannot fail then, since they did once; if it did, the pooled client stands in).
-    fn renew_http(&self) -> &reqwest::Client {
-        self.renew_http.get_or_init(|| {
+    /// The pooled client, or with `fresh` the one that opens a connection per request, built on
+    /// first use with the settings `http` was built with (which cannot fail then, since they
+    /// did once; if it did, the pooled client stands in).
+    fn http_for(&self, fresh: bool) -> &reqwest::Client {
+        if !fresh {
+            return &self.http;
+        }
+        self.fresh_http.get_or_init(|| {
             Self::builder(&self.cfg, self.pin.as_ref())
                 .and_then(|b| Ok(b.pool_max_idle_per_host(0).build()?))
                 .unwrap_or_else(|e| {
-                    tracing::warn!("hedged renews share the pooled connection: {e:#}");
+                    tracing::warn!("fresh connections unavailable, using pooled ones: {e:#}");
                     self.http.clone()
                 })
         })
@@ -452,7 +480,7 @@ impl Client {
         fresh: bool,
     ) -> Result<Option<SessionEntry>, ConsulError> {
         const OP: &str = "session renew";
-        let http = if fresh { self.renew_http() } else { &self.http };
+        let http = self.http_for(fresh);
         let (status, _, body) = self
             .send(
                 OP,
@@ -515,22 +543,13 @@ impl Client {
     ) -> Result<(Option<KvEntry>, ConsulIndex), ConsulError> {
         const OP: &str = "KV read";
         let mut query = Vec::new();
-        if opts.consistent {
-            query.push(("consistent", String::new()));
-        }
-        let mut timeout = SHORT_TIMEOUT;
-        if opts.index.0 > 0 {
-            query.push(("index", opts.index.0.to_string()));
-            let wait = opts.wait.unwrap_or(Duration::from_secs(300));
-            query.push(("wait", format!("{}ms", wait.as_millis().max(1))));
-            // Consul adds up to wait/16 of jitter; allow for it and for the round trip.
-            timeout = wait + wait / 16 + SHORT_TIMEOUT;
-        }
+        let timeout = opts.query(&mut query);
         let (status, headers, body) = self
             .send(
                 OP,
                 || format!("key:read on {key}"),
-                self.http.get(self.url(&Self::kv_path(key), &query)),
+                self.http_for(opts.fresh)
+                    .get(self.url(&Self::kv_path(key), &query)),
                 timeout,
             )
             .await?;
@@ -607,21 +626,13 @@ impl Client {
     ) -> Result<(Vec<KvEntry>, ConsulIndex), ConsulError> {
         const OP: &str = "KV list";
         let mut query = vec![("recurse", String::new())];
-        if opts.consistent {
-            query.push(("consistent", String::new()));
-        }
-        let mut timeout = SHORT_TIMEOUT;
-        if opts.index.0 > 0 {
-            query.push(("index", opts.index.0.to_string()));
-            let wait = opts.wait.unwrap_or(Duration::from_secs(300));
-            query.push(("wait", format!("{}ms", wait.as_millis().max(1))));
-            timeout = wait + wait / 16 + SHORT_TIMEOUT;
-        }
+        let timeout = opts.query(&mut query);
         let (status, headers, body) = self
             .send(
                 OP,
                 || format!("key:read on {prefix}"),
-                self.http.get(self.url(&Self::kv_path(prefix), &query)),
+                self.http_for(opts.fresh)
+                    .get(self.url(&Self::kv_path(prefix), &query)),
                 timeout,
             )
             .await?;

@@ -38,9 +38,11 @@
 //!    that does not exist. A contender that finds it missing (or never locked) owes
 //!    `max(s, T)` from its first sighting `F`, assuming the lost holder shared its
 //!    configuration. The vanishing happened at `D <= F`. A healthy holder sees it on its watch
-//!    within a round trip `r` and is gone by `D + r + g < D + T`; a holder cut off from Consul
-//!    made its last renew before the cut, so it is gone by `R + T - m`, with `R <= D + r`: the
-//!    margin `m` covers the round trip. Either way, before `F + T`.
+//!    within `v` and is gone by `D + v + g`: its blocking reads are bounded so that
+//!    `v < T - g - m` even when the connection a read waits on died without a sound while its
+//!    renews still get through ([`WatchPace`]). A holder cut off from Consul made its last renew
+//!    before the cut, so it is gone by `R + T - m`, with `R <= D + r` (`r` a round trip): the
+//!    margin `m` covers it. Either way, before `F + T`.
 //! 5. **The clean mark.** A holder writes `"released": "clean"` only when no earlier child of the
 //!    key can still run ([`may_mark_clean`]): it owed no wait, or its wait passed (a child of its
 //!    own only ever starts after that, and is confirmed gone before any release). A successor
@@ -406,6 +408,36 @@ pub fn fence_margin(ttl: Duration) -> Duration {
     (ttl / 20).clamp(Duration::from_millis(100), Duration::from_secs(1))
 }
 
+/// How a leader watches its key (or its semaphore's prefix) with blocking reads, so that a
+/// healthy leader sees its key vanish in time (module docs, 4) even when the connection a read
+/// waits on died without a sound (a NAT or firewall that lost its state, while renews get through
+/// on fresh connections): each read blocks at most `wait` and is given up after `timeout`; the
+/// read after a failure goes out on a fresh connection and answers at once (index 0), within
+/// `retry_timeout`. With `B = T - g - m`: `wait = B/3`, `timeout = B/2` (room for Consul's jitter
+/// of wait/16 and the round trip), `retry_timeout = B/4`; a vanishing is seen within
+/// `timeout + ` the first retry pause (at most 62.5ms) `+ retry_timeout < B`, so the child is
+/// gone before `T - m` after it, and the successor waits at least `T` (4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WatchPace {
+    pub wait: Duration,
+    pub timeout: Duration,
+    pub retry_timeout: Duration,
+}
+
+impl WatchPace {
+    pub fn new(ttl: Duration, grace: Duration) -> Self {
+        let budget = ttl.saturating_sub(grace + fence_margin(ttl));
+        Self {
+            wait: budget / 3,
+            timeout: budget / 2,
+            retry_timeout: budget / 4,
+        }
+    }
+}
+
+/// The pause before a leader's watch retries a failed read, doubling to 500ms ([`backoff`]).
+pub const WATCH_FIRST_RETRY: Duration = Duration::from_millis(50);
+
 /// A leader's fence after a successful renew: the one place that turns "the last good renew was
 /// sent at `R`" into deadlines (see the module docs). The wrapper stops its child when `stop_at`
 /// passes without a new renew; the supervisor's keeper enforces the same fence if the wrapper
@@ -446,6 +478,28 @@ pub fn backoff(attempt: u32, base: Duration, cap: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_leaders_watch_is_never_blind_past_its_fence_budget() {
+        for (ttl, grace) in [
+            (3, 500),
+            (6, 1000),
+            (10, 4900),
+            (15, 5000),
+            (60, 500),
+            (86400, 5000),
+        ] {
+            let (ttl, grace) = (Duration::from_secs(ttl), Duration::from_millis(grace));
+            let pace = WatchPace::new(ttl, grace);
+            let budget = ttl - grace - fence_margin(ttl);
+            // A dead blocking read given up, the first retry pause (with backoff's jitter), and
+            // the retry on a fresh connection.
+            let blind = pace.timeout + WATCH_FIRST_RETRY.mul_f64(1.25) + pace.retry_timeout;
+            assert!(blind < budget, "{ttl:?} {grace:?}: {pace:?}");
+            // Room for Consul's jitter and a round trip in each blocking read.
+            assert!(pace.timeout > pace.wait + pace.wait / 16, "{pace:?}");
+        }
+    }
 
     fn sid(s: &str) -> SessionId {
         SessionId(s.into())

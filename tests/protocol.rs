@@ -571,6 +571,58 @@ async fn deleted_key_under_a_partitioned_leader_owes_the_silence() {
     fx.wait_none_left(DEADLINE);
 }
 
+/// The leader's connections die without a sound (a NAT or firewall that lost their state: every
+/// connection open at the fault stops forwarding, new ones work), then its key is deleted. Its
+/// renews go on through fresh connections (hedges), so its fence keeps moving; only its watch can
+/// tell it the key is gone, and that watch was blocked on a dead connection. The waiting contender
+/// owes max(s, T) from the deletion: the leader must notice and stop its child before then, so its
+/// watch may not stay blind longer than T - g - margin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_watch_connection_key_deleted_leader_stops_before_the_successor_starts() {
+    let Some(agent) = local_agent() else { return };
+    let proxy = FaultProxy::start(agent.addr().parse().unwrap());
+    let fx = Fixture::new();
+    let deaths = DeathWatch::start(&fx.journal);
+    let name = "dead-watch";
+    let key = agent.key(name);
+    let mut a = WrapperBuilder::new(&agent, &fx, &key, &T6_D1_S6)
+        .env("CONSUL_HTTP_ADDR", &proxy.addr().to_string())
+        .spawn();
+    let (a_child, _) = wait_nth_start(&fx, 0, "A's child started");
+    // A's watch sent its first blocking read when it won, a silence before its child started.
+    let dead = proxy.pin_all(Mode::Blackhole);
+    let mut b = WrapperBuilder::new(&agent, &fx, &key, &T6_D1_S6).spawn();
+    wait_until_sync("B waits", DEADLINE, || {
+        b.stderr_text().contains("waiting for the lock on")
+    });
+    agent.delete(&agent.kv_path(name)).await.expect_status(200);
+    let deleted = now_us();
+
+    let (_, b_start) = wait_nth_start(&fx, 1, "B's child started");
+    wait_until_sync("A's child is gone", DEADLINE, || {
+        deaths.ended().contains_key(&a_child)
+    });
+    eprintln!(
+        "{} connections of A died; deleted at 0, A's child gone {}, B's child started {}",
+        dead.len(),
+        secs(deaths.ended()[&a_child] as i64 - deleted as i64),
+        secs(b_start as i64 - deleted as i64)
+    );
+    assert_no_overlap(&fx, &deaths, &[&a, &b]);
+    // Seen by its watch (the key gone, or already B's: a missing key has no lock-delay), not
+    // by its fence, which its renews kept moving.
+    let seen = a.stderr_text();
+    assert!(
+        seen.contains("lost leadership")
+            && (seen.contains("the key was deleted") || seen.contains("the key is now held by")),
+        "A must stop because its watch saw the key change hands: {seen}"
+    );
+    assert_exit_code(&mut a, 76);
+    b.signal(Signal::SIGTERM);
+    assert_died_by(&mut b, Signal::SIGTERM);
+    fx.wait_none_left(DEADLINE);
+}
+
 /// The fencing token is the acquire's ModifyIndex (cluster-wide, monotonic): it equals the key's
 /// ModifyIndex while held and grows across deletion and recreation of the key, where LockIndex
 /// starts over at 1. And the first run on a brand-new key waits max(s, T): a missing key may have

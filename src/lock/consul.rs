@@ -19,7 +19,7 @@ use super::{AbortOnDrop, ContendEnd, OpenError, Protocol, Renewal, Verdict};
 use crate::clock::BootTime;
 use crate::config::RunConfig;
 use crate::consul::{Client, ConsulError, ConsulIndex, ReadOpts, SessionId};
-use crate::election::{self, FreeWatch, HolderValue, KeyView, PreviousTerm};
+use crate::election::{self, FreeWatch, HolderValue, KeyView, PreviousTerm, WatchPace};
 use crate::notify;
 use crate::wire::{KvEntry, LOCK_FLAG_VALUE, SEMAPHORE_FLAG_VALUE};
 
@@ -238,7 +238,7 @@ impl Protocol for ConsulMutex {
                 ReadOpts {
                     index,
                     wait: Some(wait),
-                    consistent: false,
+                    ..ReadOpts::default()
                 }
             };
             let (entry, new_index) = match client.kv_get(&cfg.key, opts).await {
@@ -410,7 +410,7 @@ impl Protocol for ConsulMutex {
             self.cfg.key.clone(),
             term.session.clone(),
             won.index,
-            self.cfg.ttl * 2,
+            WatchPace::new(self.cfg.ttl, self.cfg.grace),
             tx,
         ));
         (AbortOnDrop(task), rx)
@@ -467,7 +467,7 @@ async fn watch_key(
     key: String,
     session: SessionId,
     index: ConsulIndex,
-    wait: Duration,
+    pace: WatchPace,
     tx: mpsc::Sender<Verdict>,
 ) {
     let read = |opts| {
@@ -482,5 +482,5 @@ async fn watch_key(
             None => Some("Consul released the key (the session was invalidated)".into()),
         },
     };
-    session::watch(key.clone(), read, lost, index, wait, tx).await;
+    session::watch(key.clone(), read, lost, index, pace, tx).await;
 }

@@ -78,7 +78,7 @@ use super::{AbortOnDrop, ContendEnd, OpenError, Protocol, Renewal, Verdict};
 use crate::clock::BootTime;
 use crate::config::RunConfig;
 use crate::consul::{Client, ConsulError, ConsulIndex, ReadOpts, SessionId};
-use crate::election::{self, HolderValue, Timing};
+use crate::election::{self, HolderValue, Timing, WatchPace};
 use crate::wire::{KvEntry, LOCK_FLAG_VALUE, SEMAPHORE_FLAG_VALUE};
 
 /// The coordination key's name under the prefix (`api.DefaultSemaphoreKey`).
@@ -866,7 +866,7 @@ impl Protocol for ConsulSemaphore {
                 ReadOpts {
                     index,
                     wait: Some(wait),
-                    consistent: false,
+                    ..ReadOpts::default()
                 }
             };
             consistent = false;
@@ -1014,7 +1014,7 @@ impl Protocol for ConsulSemaphore {
             self.prefix().to_string(),
             term.session.clone(),
             won.index,
-            self.cfg.ttl * 2,
+            WatchPace::new(self.cfg.ttl, self.cfg.grace),
             tx,
         ));
         (AbortOnDrop(task), rx)
@@ -1083,7 +1083,7 @@ async fn watch_slot(
     prefix: String,
     session: SessionId,
     index: ConsulIndex,
-    wait: Duration,
+    pace: WatchPace,
     tx: mpsc::Sender<Verdict>,
 ) {
     let dir = format!("{prefix}/");
@@ -1094,7 +1094,7 @@ async fn watch_slot(
     let lost = |entries: &Vec<KvEntry>, at: ConsulIndex| {
         lost_reason(&prefix, &observe(&prefix, entries, at.0), &session)
     };
-    session::watch(dir.clone(), read, lost, index, wait, tx).await;
+    session::watch(dir.clone(), read, lost, index, pace, tx).await;
 }
 
 #[cfg(test)]

@@ -20,7 +20,7 @@ use super::{AbortOnDrop, OpenError, Renewal, SessionEnd, Verdict};
 use crate::clock::BootTime;
 use crate::config::RunConfig;
 use crate::consul::{Client, ConsulError, ConsulIndex, ReadOpts, SessionId, SessionRequest};
-use crate::election::{self, Fence};
+use crate::election::{self, Fence, WatchPace};
 
 /// At most this many renews in flight at once (one regular, the rest hedges).
 const MAX_RENEWS_IN_FLIGHT: usize = 5;
@@ -28,19 +28,20 @@ const MAX_RENEWS_IN_FLIGHT: usize = 5;
 /// The longest a contender blocks in one read.
 pub const MAX_BLOCK: Duration = Duration::from_secs(300);
 
-/// A leader's watch: blocking `?consistent` reads through `read` from `index`, each answer judged
-/// by `lost` (`Some(reason)`: the lock is no longer ours); reports the first sign on `tx`. After an
-/// error the watch starts over from index 0, a read that answers at once: an agent that restarted
-/// without its state has a lower index, and a blocking read on the old one would wait its whole
-/// wait time instead of reporting what vanished. Transient errors are retried briskly (the fence
-/// covers a Consul we cannot reach); a definitive one is reported as fatal. `what` names the
-/// key or prefix in messages.
+/// A leader's watch: blocking `?consistent` reads through `read` from `index`, paced by `pace`
+/// (how long each may block and take: `election::WatchPace`), each answer judged by `lost`
+/// (`Some(reason)`: the lock is no longer ours); reports the first sign on `tx`. After an error
+/// the watch starts over from index 0, on a fresh connection, a read that answers at once: an
+/// agent that restarted without its state has a lower index, and a blocking read on the old one
+/// would wait its whole wait time instead of reporting what vanished; the connection that failed
+/// may be dead. Transient errors are retried briskly (the fence covers a Consul we cannot reach);
+/// a definitive one is reported as fatal. `what` names the key or prefix in messages.
 pub async fn watch<T, Fut>(
     what: String,
     mut read: impl FnMut(ReadOpts) -> Fut,
     lost: impl Fn(&T, ConsulIndex) -> Option<String>,
     mut index: ConsulIndex,
-    wait: Duration,
+    pace: WatchPace,
     tx: mpsc::Sender<Verdict>,
 ) where
     Fut: std::future::Future<Output = Result<(T, ConsulIndex), ConsulError>>,
@@ -49,8 +50,14 @@ pub async fn watch<T, Fut>(
     loop {
         let opts = ReadOpts {
             index,
-            wait: Some(wait),
+            wait: Some(pace.wait),
             consistent: true,
+            timeout: Some(if attempt == 0 {
+                pace.timeout
+            } else {
+                pace.retry_timeout
+            }),
+            fresh: attempt > 0,
         };
         match read(opts).await {
             Ok((answer, new_index)) => {
@@ -72,7 +79,7 @@ pub async fn watch<T, Fut>(
                 index = ConsulIndex(0);
                 sleep(election::backoff(
                     attempt,
-                    Duration::from_millis(50),
+                    election::WATCH_FIRST_RETRY,
                     Duration::from_millis(500),
                 ))
                 .await;
