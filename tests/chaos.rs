@@ -14,7 +14,10 @@
 //!   does when a partitioned node's `serfHealth` goes critical; healed after its fence;
 //! * a stop signal during the silence (issue 8, 2): a partition plus destroy, then SIGTERM to the
 //!   winner while it waits out its silence;
-//! * a deleted key (issue 8, 3): `DELETE` under a healthy leader, or under one black-holed first;
+//! * a deleted key (issue 8, 3): `DELETE` under a healthy leader, or under one black-holed first,
+//!   or under one whose open connections all died without a sound (a NAT that lost its state)
+//!   while new ones work: its renews go on through fresh connections, and its watch, blocked on
+//!   a dead one, must see the deletion before the successor's wait ends;
 //! * an agent restart with state loss (issue 8, 4): the agent restarts on the same port with empty
 //!   state (the proxies keep pointing at it); while it comes back, and the test registers the
 //!   wrappers' checks again, every proxy answers `500 No cluster leader`, as a Consul agent does
@@ -65,7 +68,7 @@
 //!
 //! # Running
 //!
-//! * The short run, part of the normal suite (one of each of the 17 fault kinds, 75 to 85s on
+//! * The short run, part of the normal suite (one of each of the 18 fault kinds, 80 to 90s on
 //!   two shared cores): `cargo test --test chaos`.
 //! * The long run, with a summary of faults, handovers, handover times, how long SIGKILLed
 //!   wrappers' trees took to go and how soon after their last renew paused wrappers' children
@@ -200,7 +203,7 @@ use rand::{Rng, SeedableRng};
 const SEED_ENV: &str = "CONSUL_LEADER_CHAOS_SEED";
 const ROUNDS_ENV: &str = "CONSUL_LEADER_CHAOS_ROUNDS";
 /// Rounds of the short run: one deck, so each fault kind once; a minute or two.
-const SHORT_ROUNDS: usize = 17;
+const SHORT_ROUNDS: usize = 18;
 /// A crash-looping child is started this many times (`--restart-limit N/1m`) before its wrapper
 /// steps down.
 const RESTART_LIMIT: usize = 3;
@@ -258,6 +261,8 @@ const UNCLEAN_TOTAL_SLACK: Duration = Duration::from_secs(3);
 const EXPIRY_SLACK: Duration = Duration::from_millis(1_500);
 const DESTROY_FREE_MAX: Duration = Duration::from_secs(1);
 const DETECTION_MAX: Duration = Duration::from_millis(1_500);
+/// A deletion under a leader whose connections died: T - g - the fence margin (`WatchPace`).
+const DEAD_WATCH_NOTICE: Duration = Duration::from_millis(2_350);
 const TERM_STOP_MAX: Duration = Duration::from_millis(1_500);
 const MEASURE_SLACK: Duration = Duration::from_millis(250);
 /// A SIGKILLed wrapper's whole tree is gone within the grace plus this.
@@ -385,6 +390,9 @@ enum Kind {
     DeleteHealthy,
     /// The leader is black-holed, then the key deleted.
     DeletePartitioned,
+    /// Every open connection of the leader dies without a sound (new ones work), then the key is
+    /// deleted.
+    DeleteDeadConns,
     /// The agent restarts on the same port with empty state.
     AgentRestart,
     /// `500 No cluster leader` on the followers' proxies for a while (on the leader's, briefly).
@@ -416,6 +424,7 @@ impl Kind {
             Kind::SilenceTerm => "sigterm-in-silence",
             Kind::DeleteHealthy => "delete-healthy",
             Kind::DeletePartitioned => "delete-partitioned",
+            Kind::DeleteDeadConns => "delete-dead-conns",
             Kind::AgentRestart => "agent-restart",
             Kind::NoLeader500 => "no-leader-500",
             Kind::SlowAgent => "slow-agent",
@@ -435,7 +444,10 @@ impl Kind {
     fn missing_key(self) -> bool {
         matches!(
             self,
-            Kind::DeleteHealthy | Kind::DeletePartitioned | Kind::AgentRestart
+            Kind::DeleteHealthy
+                | Kind::DeletePartitioned
+                | Kind::DeleteDeadConns
+                | Kind::AgentRestart
         )
     }
 }
@@ -1167,6 +1179,7 @@ impl Chaos {
                 Kind::SilenceTerm,
                 Kind::DeleteHealthy,
                 Kind::DeletePartitioned,
+                Kind::DeleteDeadConns,
                 Kind::AgentRestart,
                 Kind::NoLeader500,
                 Kind::SlowAgent,
@@ -1213,7 +1226,9 @@ impl Chaos {
                     self.partition_invalidate(&leader, kind)
                 }
                 Kind::SilenceTerm => self.sigterm_in_silence(&leader),
-                Kind::DeleteHealthy | Kind::DeletePartitioned => self.delete_key(&leader, kind),
+                Kind::DeleteHealthy | Kind::DeletePartitioned | Kind::DeleteDeadConns => {
+                    self.delete_key(&leader, kind)
+                }
                 Kind::AgentRestart => self.restart_agent(&leader),
                 Kind::NoLeader500 => self.no_leader_500(&leader),
                 Kind::SlowAgent => self.slow_agent(&leader),
@@ -1632,19 +1647,30 @@ impl Chaos {
             self.note(format!("fault: delete the key under wrapper #{}", l.owner));
             None
         };
+        let dead = if kind == Kind::DeleteDeadConns {
+            let dead = self.contenders[i].proxy.pin_all(Mode::Blackhole);
+            self.note(format!(
+                "fault: {} open connections of wrapper #{} died without a sound",
+                dead.len(),
+                l.owner
+            ));
+            dead
+        } else {
+            Vec::new()
+        };
         let sent_us = now_us();
         self.rt
             .block_on(self.agent.delete(&self.agent.kv_path(&self.key_name)))
             .expect_status(200);
         let done_us = now_us();
-        if kind == Kind::DeleteHealthy {
+        if kind != Kind::DeletePartitioned {
             fault_us = sent_us;
         }
         if let Some(len) = len {
             hold_fault(len.saturating_sub(Duration::from_micros(now_us() - fault_us)));
             self.contenders[i].proxy.set_mode(Mode::Pass);
         }
-        self.follow(
+        let next = self.follow(
             Some(l.clone()),
             Some(Transition {
                 kind,
@@ -1652,7 +1678,13 @@ impl Chaos {
                 done_us,
                 after_us: sent_us,
             }),
-        )
+        );
+        // The dead connections were given up by their wrapper long ago; let the proxy forget
+        // them.
+        for id in dead {
+            self.contenders[i].proxy.unpin(id);
+        }
+        next
     }
 
     /// The agent restarts on the same port with empty state. While it comes back (and the test
@@ -2498,6 +2530,22 @@ impl Chaos {
             }
             Kind::DeletePartitioned => {
                 self.check_fenced(what, end, t);
+                UNCLEAN_LATE
+            }
+            Kind::DeleteDeadConns => {
+                // Its watch gives up the dead read and asks again on a fresh connection, within
+                // T - g - margin (`election::WatchPace`): its child is gone before the
+                // successor's wait of T ends.
+                let Some(term) = Self::term_of(&events, old.child, t.after_us) else {
+                    self.fail(format!("{what}: the old child never got its stop signal"));
+                };
+                self.check(term <= t.done_us + us(DEAD_WATCH_NOTICE), || {
+                    format!(
+                        "{what}: the old child got its stop signal {} after the delete; a leader's \
+                         watch may be blind for at most {DEAD_WATCH_NOTICE:?}",
+                        fmt_delta(term, t.after_us)
+                    )
+                });
                 UNCLEAN_LATE
             }
             _ => {
