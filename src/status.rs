@@ -358,9 +358,9 @@ fn render(r: &Report) -> String {
         if let Some(id) = &r.priority {
             let text = match (&r.priority_until, r.priority_window_ms) {
                 (Some(until), Some(ms)) => format!(
-                    "{id}, until {until} at the latest for the contenders waiting now (it lost the \
-                     lock to a fault; each contender with --priority-window, {} on {id}, leaves it \
-                     the key that long after it sees the key free)",
+                    "{id} until {until} at the latest (it lost the lock to a fault; contenders \
+                     with --priority-window, {} on {id}, leave it the key that long after each \
+                     saw it free)",
                     humantime::format_duration(Duration::from_millis(ms))
                 ),
                 _ => format!(
