@@ -212,6 +212,25 @@ impl EtcdMutex {
         self.txn(txn).await.map(|_| ())
     }
 
+    /// One read, writing nothing: the first key of the queue (the holder), if any. A marker that
+    /// consul-leader did not write is an error.
+    async fn holder(&self) -> Result<Option<Entry>, EtcdError> {
+        let name = &self.cfg.key;
+        let marker = marker_key(name);
+        let first = GetOptions::new()
+            .with_prefix()
+            .with_sort(SortTarget::Create, SortOrder::Ascend)
+            .with_limit(1);
+        let look = Txn::new().and_then([
+            TxnOp::get(prefix(name).as_str(), Some(first)),
+            TxnOp::get(marker.as_str(), None),
+        ]);
+        let r = self.txn(look).await?;
+        let got = gets(&r);
+        check_marker(name, &marker, got.get(1))?;
+        Ok(got.into_iter().next().and_then(|g| g.into_iter().next()))
+    }
+
     /// One step of contending; see [`Step`].
     async fn step(&self, term: &mut Term, deadline: Option<Instant>) -> Result<Step, EtcdError> {
         let name = &self.cfg.key;
@@ -229,14 +248,8 @@ impl EtcdMutex {
             // is written.
             let try_once = deadline.is_some_and(|d| d <= Instant::now());
             if try_once {
-                let look = Txn::new().and_then([
-                    TxnOp::get(pfx.as_str(), Some(first())),
-                    TxnOp::get(marker.as_str(), None),
-                ]);
-                let r = self.txn(look).await?;
-                check_marker(name, &marker, gets(&r).get(1))?;
-                if let Some(owner) = gets(&r).first().and_then(|g| g.first()) {
-                    info!("the lock on {name} is held by {}", describe(owner));
+                if let Some(owner) = self.holder().await? {
+                    info!("the lock on {name} is held by {}", describe(&owner));
                     return Ok(Step::Busy);
                 }
             }
@@ -769,23 +782,9 @@ impl Protocol for EtcdMutex {
     /// `--wait 0`: one read of the queue, before any lease is granted; its first key holds the
     /// lock. An unreachable cluster answers `None`, and the normal path reports the error.
     async fn busy(&self) -> Option<String> {
-        let name = &self.cfg.key;
-        let marker = marker_key(name);
-        let first = GetOptions::new()
-            .with_prefix()
-            .with_sort(SortTarget::Create, SortOrder::Ascend)
-            .with_limit(1);
-        let pfx = prefix(name);
-        let look = Txn::new().and_then([
-            TxnOp::get(pfx.as_str(), Some(first)),
-            TxnOp::get(marker.as_str(), None),
-        ]);
-        let r = self.txn(look).await.ok()?;
-        // A marker we did not write is refused on the normal path, with its own message.
-        let got = gets(&r);
-        check_marker(name, &marker, got.get(1)).ok()?;
-        let owner = got.first().and_then(|g| g.first())?;
-        Some(format!("held by {}", describe(owner)))
+        // An error (a marker we did not write, too) is reported by the normal path.
+        let owner = self.holder().await.ok()??;
+        Some(format!("held by {}", describe(&owner)))
     }
 
     /// After a contention was cut short: leave the queue. A claim whose answer we did not see
