@@ -414,7 +414,7 @@ pub fn fence_margin(ttl: Duration) -> Duration {
 /// on fresh connections): each read blocks at most `wait` and is given up after `timeout`; the
 /// read after a failure goes out on a fresh connection and answers at once (index 0), within
 /// `retry_timeout`. With `B = T - g - m`: `wait = B/3`, `timeout = B/2` (room for Consul's jitter
-/// of wait/16 and the round trip), `retry_timeout = B/4`; a vanishing is seen within
+/// of wait/16 and the round trip), `retry_timeout = B/2 - 2 x 50ms`; a vanishing is seen within
 /// `timeout + ` the first retry pause (at most 62.5ms) `+ retry_timeout < B`, so the child is
 /// gone before `T - m` after it, and the successor waits at least `T` (4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -430,7 +430,9 @@ impl WatchPace {
         Self {
             wait: budget / 3,
             timeout: budget / 2,
-            retry_timeout: budget / 4,
+            // Long enough for a slow agent: with blocking reads given up, the retries alone
+            // still see a change within the budget while the agent answers within about B/2.
+            retry_timeout: (budget / 2).saturating_sub(WATCH_FIRST_RETRY * 2),
         }
     }
 }

@@ -623,6 +623,54 @@ async fn dead_watch_connection_key_deleted_leader_stops_before_the_successor_sta
     fx.wait_none_left(DEADLINE);
 }
 
+/// The same deletion under a leader whose agent is slow (every request takes 1.8 to 3.6s through
+/// the proxy, within T/2), so that its blocking reads run past their timeout and the watch
+/// depends on its retries: those must still see the key gone before the successor starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_agent_key_deleted_leader_still_stops_before_the_successor_starts() {
+    let Some(agent) = local_agent() else { return };
+    let proxy = FaultProxy::start(agent.addr().parse().unwrap());
+    let fx = Fixture::new();
+    let deaths = DeathWatch::start(&fx.journal);
+    let name = "slow-delete";
+    let key = agent.key(name);
+    let mut a = WrapperBuilder::new(&agent, &fx, &key, &T6_D1_S6)
+        .env("CONSUL_HTTP_ADDR", &proxy.addr().to_string())
+        .spawn();
+    let (a_child, _) = wait_nth_start(&fx, 0, "A's child started");
+    proxy.set_mode(Mode::Delay(Duration::from_millis(900)));
+    let mut b = WrapperBuilder::new(&agent, &fx, &key, &T6_D1_S6).spawn();
+    wait_until_sync("B waits", DEADLINE, || {
+        b.stderr_text().contains("waiting for the lock on")
+    });
+    // Long enough for A's blocking reads to start timing out.
+    hold_fault(Duration::from_secs(4));
+    agent.delete(&agent.kv_path(name)).await.expect_status(200);
+    let deleted = now_us();
+
+    let (_, b_start) = wait_nth_start(&fx, 1, "B's child started");
+    wait_until_sync("A's child is gone", DEADLINE, || {
+        deaths.ended().contains_key(&a_child)
+    });
+    eprintln!(
+        "deleted at 0, A's child gone {}, B's child started {}",
+        secs(deaths.ended()[&a_child] as i64 - deleted as i64),
+        secs(b_start as i64 - deleted as i64)
+    );
+    assert_no_overlap(&fx, &deaths, &[&a, &b]);
+    let seen = a.stderr_text();
+    assert!(
+        seen.contains("lost leadership")
+            && (seen.contains("the key was deleted") || seen.contains("the key is now held by")),
+        "A must stop because its watch saw the key change hands: {seen}"
+    );
+    proxy.set_mode(Mode::Pass);
+    assert_exit_code(&mut a, 76);
+    b.signal(Signal::SIGTERM);
+    assert_died_by(&mut b, Signal::SIGTERM);
+    fx.wait_none_left(DEADLINE);
+}
+
 /// The fencing token is the acquire's ModifyIndex (cluster-wide, monotonic): it equals the key's
 /// ModifyIndex while held and grows across deletion and recreation of the key, where LockIndex
 /// starts over at 1. And the first run on a brand-new key waits max(s, T): a missing key may have
