@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, sleep};
-use tracing::{debug, info, warn};
+use tracing::info;
 
 use super::session::{self, Errors, MAX_BLOCK, next_index};
 use super::{AbortOnDrop, ContendEnd, OpenError, Protocol, Renewal, Verdict};
@@ -118,43 +118,18 @@ impl ConsulMutex {
             value.clone()
         }
         .to_bytes();
-        for attempt in 0..5 {
-            match self
-                .client
-                .kv_release(&self.cfg.key, &term.session, LOCK_FLAG_VALUE, body.clone())
-                .await
-            {
-                Ok(true) => {
-                    if clean {
-                        info!("released the lock on {}", self.cfg.key);
-                    } else {
-                        info!(
-                            "released the lock on {}, not marked clean: the wait for earlier holders had not passed",
-                            self.cfg.key
-                        );
-                    }
-                    return;
-                }
-                // Not ours (never acquired, or already lost): nothing to release.
-                Ok(false) => return,
-                Err(e) if e.is_transient() && attempt < 4 => {
-                    debug!("release failed: {e}; retrying");
-                    sleep(election::backoff(
-                        attempt,
-                        Duration::from_millis(200),
-                        Duration::from_secs(2),
-                    ))
-                    .await;
-                }
-                Err(e) => {
-                    warn!(
-                        "cannot release the lock on {}: {e}; destroying the session releases it",
-                        self.cfg.key
-                    );
-                    return;
-                }
-            }
-        }
+        // `false`: not ours (never acquired, or already lost), nothing to release.
+        super::release_with_retries(
+            &self.cfg.key,
+            clean,
+            "destroying the session",
+            ConsulError::is_transient,
+            || {
+                self.client
+                    .kv_release(&self.cfg.key, &term.session, LOCK_FLAG_VALUE, body.clone())
+            },
+        )
+        .await;
     }
 
     /// How long to pause after an acquire refused by lock-delay: until the delay probably ends,

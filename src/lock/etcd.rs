@@ -487,39 +487,15 @@ impl EtcdMutex {
                 TxnOp::put(marker.as_str(), record.to_bytes(), None),
                 TxnOp::delete(won.key.as_str(), Some(DeleteOptions::new())),
             ]);
-        for attempt in 0..5 {
-            match self.txn(txn.clone()).await {
-                Ok(r) if r.succeeded() => {
-                    if clean {
-                        info!("released the lock on {}", self.cfg.key);
-                    } else {
-                        info!(
-                            "released the lock on {}, not marked clean: the wait for earlier holders had not passed",
-                            self.cfg.key
-                        );
-                    }
-                    return;
-                }
-                // Not ours any more: nothing to release.
-                Ok(_) => return,
-                Err(e) if e.is_transient() && attempt < 4 => {
-                    debug!("release failed: {e}; retrying");
-                    sleep(election::backoff(
-                        attempt,
-                        Duration::from_millis(200),
-                        Duration::from_secs(2),
-                    ))
-                    .await;
-                }
-                Err(e) => {
-                    warn!(
-                        "cannot release the lock on {}: {e}; revoking the lease releases it",
-                        self.cfg.key
-                    );
-                    return;
-                }
-            }
-        }
+        // Not succeeded: our key is not ours any more, nothing to release.
+        super::release_with_retries(
+            &self.cfg.key,
+            clean,
+            "revoking the lease",
+            EtcdError::is_transient,
+            || async { self.txn(txn.clone()).await.map(|r| r.succeeded()) },
+        )
+        .await;
     }
 }
 

@@ -105,6 +105,51 @@ pub struct OpenError {
     pub unreachable: bool,
 }
 
+/// How a protocol releases a lock it won: up to five attempts, transient errors (`transient`)
+/// retried with backoff, the outcome logged once. `attempt` sends one release and answers whether
+/// the lock was still ours to release (`false`: already lost, nothing to do); `otherwise` names
+/// what still frees the lock when every attempt fails (ending the session or the lease).
+pub(crate) async fn release_with_retries<E, F, Fut>(
+    key: &str,
+    clean: bool,
+    otherwise: &str,
+    transient: impl Fn(&E) -> bool,
+    mut attempt: F,
+) where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<bool, E>>,
+{
+    for n in 0..5 {
+        match attempt().await {
+            Ok(true) => {
+                if clean {
+                    tracing::info!("released the lock on {key}");
+                } else {
+                    tracing::info!(
+                        "released the lock on {key}, not marked clean: the wait for earlier holders had not passed"
+                    );
+                }
+                return;
+            }
+            Ok(false) => return,
+            Err(e) if transient(&e) && n < 4 => {
+                tracing::debug!("release failed: {e}; retrying");
+                tokio::time::sleep(crate::election::backoff(
+                    n,
+                    std::time::Duration::from_millis(200),
+                    std::time::Duration::from_secs(2),
+                ))
+                .await;
+            }
+            Err(e) => {
+                tracing::warn!("cannot release the lock on {key}: {e}; {otherwise} releases it");
+                return;
+            }
+        }
+    }
+}
+
 /// Aborts a task when dropped, so that nothing of a term outlives it.
 pub struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
