@@ -437,6 +437,29 @@ impl WatchPace {
     }
 }
 
+/// How a renewer paces itself, for a Consul session and an etcd lease alike: a renew every TTL/3;
+/// while one is outstanding, another on a fresh connection every `hedge` (TTL/10, within 100ms
+/// and 2s); and how long a renew stays worth waiting for: one sent at `S` buys the fence
+/// `S + (T - g - m)` ([`Fence::after_renew`]), so past that its answer is useless.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RenewPace {
+    pub period: Duration,
+    pub hedge: Duration,
+    pub useful: Duration,
+}
+
+impl RenewPace {
+    pub fn new(ttl: Duration, grace: Duration) -> Self {
+        Self {
+            period: ttl / 3,
+            hedge: (ttl / 10).clamp(Duration::from_millis(100), Duration::from_secs(2)),
+            useful: ttl
+                .saturating_sub(grace + fence_margin(ttl))
+                .max(Duration::from_millis(100)),
+        }
+    }
+}
+
 /// The pause before a leader's watch retries a failed read, doubling to 500ms ([`backoff`]).
 pub const WATCH_FIRST_RETRY: Duration = Duration::from_millis(50);
 
@@ -500,6 +523,19 @@ mod tests {
             assert!(blind < budget, "{ttl:?} {grace:?}: {pace:?}");
             // Room for Consul's jitter and a round trip in each blocking read.
             assert!(pace.timeout > pace.wait + pace.wait / 16, "{pace:?}");
+        }
+    }
+
+    #[test]
+    fn a_renew_is_useful_exactly_until_the_fence_it_would_buy() {
+        let sent = BootTime::now();
+        for (ttl, grace) in [(3, 500), (10, 4900), (15, 5000), (86400, 5000)] {
+            let (ttl, grace) = (Duration::from_secs(ttl), Duration::from_millis(grace));
+            let pace = RenewPace::new(ttl, grace);
+            let fence = Fence::after_renew(sent, ttl, grace);
+            assert_eq!(sent + pace.useful, fence.stop_at, "{ttl:?} {grace:?}");
+            // A hedge goes out before the regular period comes round again.
+            assert!(pace.hedge < pace.period, "{pace:?}");
         }
     }
 

@@ -87,7 +87,7 @@ use crate::clock::BootTime;
 use crate::config::{EtcdConfig, RunConfig};
 use crate::consul::SessionId;
 use crate::election::{
-    self, Fence, FreeWatch, HolderValue, KeyView, LastHolder, PreviousTerm, Timing,
+    self, FreeWatch, HolderValue, KeyView, LastHolder, PreviousTerm, RenewPace, Timing,
 };
 use crate::etcd::{
     self as wire, Entry, EtcdError, Marker, REQUEST_TIMEOUT, bounded, lease_hex, lock_key,
@@ -888,15 +888,12 @@ async fn keep_lease(
     grace: Duration,
     tx: watch::Sender<Renewal>,
 ) {
-    let period = ttl / 3;
-    let hedge = (ttl / 10).clamp(Duration::from_millis(100), Duration::from_secs(2));
+    let RenewPace {
+        period,
+        hedge,
+        useful,
+    } = RenewPace::new(ttl, grace);
     let first = tx.borrow().last_ok_sent;
-    let useful = {
-        let f = Fence::after_renew(first, ttl, grace);
-        f.stop_at
-            .saturating_duration_since(first)
-            .max(Duration::from_millis(100))
-    };
     let since_first = BootTime::now().saturating_duration_since(first);
     let mut next = Instant::now() + period.saturating_sub(since_first);
     let mut last_ok = first;

@@ -20,7 +20,7 @@ use super::{AbortOnDrop, OpenError, Renewal, SessionEnd, Verdict};
 use crate::clock::BootTime;
 use crate::config::RunConfig;
 use crate::consul::{Client, ConsulError, ConsulIndex, ReadOpts, SessionId, SessionRequest};
-use crate::election::{self, Fence, WatchPace};
+use crate::election::{self, RenewPace, WatchPace};
 
 /// At most this many renews in flight at once (one regular, the rest hedges).
 const MAX_RENEWS_IN_FLIGHT: usize = 5;
@@ -244,16 +244,12 @@ async fn keep_session(
     grace: Duration,
     tx: watch::Sender<Renewal>,
 ) {
-    let period = ttl / 3;
-    let hedge = (ttl / 10).clamp(Duration::from_millis(100), Duration::from_secs(2));
+    let RenewPace {
+        period,
+        hedge,
+        useful,
+    } = RenewPace::new(ttl, grace);
     let first = tx.borrow().last_ok_sent;
-    // A renew sent at S buys the fence S + (T - g - m); past that its answer is useless.
-    let useful = {
-        let f = Fence::after_renew(first, ttl, grace);
-        f.stop_at
-            .saturating_duration_since(first)
-            .max(Duration::from_millis(100))
-    };
     let since_first = BootTime::now().saturating_duration_since(first);
     let mut next = Instant::now() + period.saturating_sub(since_first);
     let mut last_ok = first;
