@@ -177,6 +177,46 @@ fn assert_exit_code(w: &mut Proc, code: i32) {
     assert_eq!(st.code(), Some(code), "{}", w.output_report());
 }
 
+/// Waits until B (whose wrapper is already spawned) waits for the lock.
+#[track_caller]
+fn wait_standby(b: &Proc) {
+    wait_until_sync("B waits", DEADLINE, || {
+        b.stderr_text().contains("waiting for the lock on")
+    });
+}
+
+/// Waits for the second child to start and for `a_child` to be gone: `(gone, started)`.
+#[track_caller]
+fn wait_handover(fx: &Fixture, deaths: &DeathWatch, a_child: u32) -> (u64, u64) {
+    let (_, b_start) = wait_nth_start(fx, 1, "B's child started");
+    wait_until_sync("A's child is gone", DEADLINE, || {
+        deaths.ended().contains_key(&a_child)
+    });
+    (deaths.ended()[&a_child], b_start)
+}
+
+/// Asserts that leader `a` stopped because its watch saw its key change hands (deleted, or
+/// already the successor's), not because its fence passed.
+#[track_caller]
+fn assert_watch_saw_the_key_change_hands(a: &Proc) {
+    let seen = a.stderr_text();
+    assert!(
+        seen.contains("lost leadership")
+            && (seen.contains("the key was deleted") || seen.contains("the key is now held by")),
+        "A must stop because its watch saw the key change hands: {seen}"
+    );
+}
+
+/// The end of a handover: the old leader exits with the lost code, the new one dies by SIGTERM,
+/// and nothing the test started is left.
+#[track_caller]
+fn old_lost_new_stopped(fx: &Fixture, old: &mut Proc, new: &mut Proc) {
+    assert_exit_code(old, 76);
+    new.signal(Signal::SIGTERM);
+    assert_died_by(new, Signal::SIGTERM);
+    fx.wait_none_left(DEADLINE);
+}
+
 /// Asserts that nothing of `key` is on the agent: no session named after it, no key.
 async fn assert_untouched(agent: &DevAgent, name: &str) {
     let key = agent.key(name);
@@ -330,9 +370,7 @@ async fn partitioned_leader_invalidated_early_successor_with_a_shorter_ttl_waits
         },
     )
     .spawn();
-    wait_until_sync("B waits", DEADLINE, || {
-        b.stderr_text().contains("waiting for the lock on")
-    });
+    wait_standby(&b);
 
     right_after_a_renew(&a);
     let cut = now_us();
@@ -362,10 +400,7 @@ async fn partitioned_leader_invalidated_early_successor_with_a_shorter_ttl_waits
 
     // Healed, A learns its session is gone and exits with the lost code.
     proxy.set_mode(Mode::Pass);
-    assert_exit_code(&mut a, 76);
-    b.signal(Signal::SIGTERM);
-    assert_died_by(&mut b, Signal::SIGTERM);
-    fx.wait_none_left(DEADLINE);
+    old_lost_new_stopped(&fx, &mut a, &mut b);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -444,10 +479,7 @@ async fn stop_signal_during_silence_releases_without_the_clean_mark() {
     );
     // Healed, A learns its session is gone and exits with the lost code.
     proxy.set_mode(Mode::Pass);
-    assert_exit_code(&mut a, 76);
-    x.signal(Signal::SIGTERM);
-    assert_died_by(&mut x, Signal::SIGTERM);
-    fx.wait_none_left(DEADLINE);
+    old_lost_new_stopped(&fx, &mut a, &mut x);
 }
 
 /// Polls until one of `procs` satisfies `cond`; returns its index.
@@ -484,9 +516,7 @@ async fn deleted_key_under_a_healthy_leader_owes_the_silence() {
     let mut b = WrapperBuilder::new(&agent, &fx, &key, &T3_D3_S3)
         .env("CL_CHILD_ENV_FILE", b_env.to_str().unwrap())
         .spawn();
-    wait_until_sync("B waits", DEADLINE, || {
-        b.stderr_text().contains("waiting for the lock on")
-    });
+    wait_standby(&b);
 
     let deleted = now_us();
     agent.delete(&agent.kv_path(name)).await.expect_status(200);
@@ -514,10 +544,7 @@ async fn deleted_key_under_a_healthy_leader_owes_the_silence() {
         b_token > a_token,
         "the fencing token must grow across the deletion: A {a_token}, B {b_token}"
     );
-    assert_exit_code(&mut a, 76);
-    b.signal(Signal::SIGTERM);
-    assert_died_by(&mut b, Signal::SIGTERM);
-    fx.wait_none_left(DEADLINE);
+    old_lost_new_stopped(&fx, &mut a, &mut b);
 }
 
 /// The leader is black-holed, then its key is deleted. It cannot see that and keeps its child
@@ -538,23 +565,18 @@ async fn deleted_key_under_a_partitioned_leader_owes_the_silence() {
         .spawn();
     let (a_child, _) = wait_nth_start(&fx, 0, "A's child started");
     let mut b = WrapperBuilder::new(&agent, &fx, &key, &T6_D1_S6).spawn();
-    wait_until_sync("B waits", DEADLINE, || {
-        b.stderr_text().contains("waiting for the lock on")
-    });
+    wait_standby(&b);
 
     let cut = now_us();
     proxy.set_mode(Mode::Blackhole);
     agent.delete(&agent.kv_path(name)).await.expect_status(200);
     let deleted = now_us();
 
-    let (_, b_start) = wait_nth_start(&fx, 1, "B's child started");
-    wait_until_sync("A's child is gone", DEADLINE, || {
-        deaths.ended().contains_key(&a_child)
-    });
+    let (a_end, b_start) = wait_handover(&fx, &deaths, a_child);
     eprintln!(
         "cut at 0, deleted {}, A's child gone {}, B's child started {}",
         secs(deleted as i64 - cut as i64),
-        secs(deaths.ended()[&a_child] as i64 - cut as i64),
+        secs(a_end as i64 - cut as i64),
         secs(b_start as i64 - cut as i64)
     );
     assert_no_overlap(&fx, &deaths, &[&a, &b]);
@@ -565,10 +587,7 @@ async fn deleted_key_under_a_partitioned_leader_owes_the_silence() {
     );
     // A fenced itself; healed, it exits with the lost code.
     proxy.set_mode(Mode::Pass);
-    assert_exit_code(&mut a, 76);
-    b.signal(Signal::SIGTERM);
-    assert_died_by(&mut b, Signal::SIGTERM);
-    fx.wait_none_left(DEADLINE);
+    old_lost_new_stopped(&fx, &mut a, &mut b);
 }
 
 /// The leader's connections die without a sound (a NAT or firewall that lost their state: every
@@ -592,35 +611,22 @@ async fn dead_watch_connection_key_deleted_leader_stops_before_the_successor_sta
     // A's watch sent its first blocking read when it won, a silence before its child started.
     let dead = proxy.pin_all(Mode::Blackhole);
     let mut b = WrapperBuilder::new(&agent, &fx, &key, &T6_D1_S6).spawn();
-    wait_until_sync("B waits", DEADLINE, || {
-        b.stderr_text().contains("waiting for the lock on")
-    });
+    wait_standby(&b);
     agent.delete(&agent.kv_path(name)).await.expect_status(200);
     let deleted = now_us();
 
-    let (_, b_start) = wait_nth_start(&fx, 1, "B's child started");
-    wait_until_sync("A's child is gone", DEADLINE, || {
-        deaths.ended().contains_key(&a_child)
-    });
+    let (a_end, b_start) = wait_handover(&fx, &deaths, a_child);
     eprintln!(
         "{} connections of A died; deleted at 0, A's child gone {}, B's child started {}",
         dead.len(),
-        secs(deaths.ended()[&a_child] as i64 - deleted as i64),
+        secs(a_end as i64 - deleted as i64),
         secs(b_start as i64 - deleted as i64)
     );
     assert_no_overlap(&fx, &deaths, &[&a, &b]);
     // Seen by its watch (the key gone, or already B's: a missing key has no lock-delay), not
     // by its fence, which its renews kept moving.
-    let seen = a.stderr_text();
-    assert!(
-        seen.contains("lost leadership")
-            && (seen.contains("the key was deleted") || seen.contains("the key is now held by")),
-        "A must stop because its watch saw the key change hands: {seen}"
-    );
-    assert_exit_code(&mut a, 76);
-    b.signal(Signal::SIGTERM);
-    assert_died_by(&mut b, Signal::SIGTERM);
-    fx.wait_none_left(DEADLINE);
+    assert_watch_saw_the_key_change_hands(&a);
+    old_lost_new_stopped(&fx, &mut a, &mut b);
 }
 
 /// The same deletion under a leader whose agent is slow (every request takes 1.8 to 3.6s through
@@ -640,35 +646,22 @@ async fn slow_agent_key_deleted_leader_still_stops_before_the_successor_starts()
     let (a_child, _) = wait_nth_start(&fx, 0, "A's child started");
     proxy.set_mode(Mode::Delay(Duration::from_millis(900)));
     let mut b = WrapperBuilder::new(&agent, &fx, &key, &T6_D1_S6).spawn();
-    wait_until_sync("B waits", DEADLINE, || {
-        b.stderr_text().contains("waiting for the lock on")
-    });
+    wait_standby(&b);
     // Long enough for A's blocking reads to start timing out.
     hold_fault(Duration::from_secs(4));
     agent.delete(&agent.kv_path(name)).await.expect_status(200);
     let deleted = now_us();
 
-    let (_, b_start) = wait_nth_start(&fx, 1, "B's child started");
-    wait_until_sync("A's child is gone", DEADLINE, || {
-        deaths.ended().contains_key(&a_child)
-    });
+    let (a_end, b_start) = wait_handover(&fx, &deaths, a_child);
     eprintln!(
         "deleted at 0, A's child gone {}, B's child started {}",
-        secs(deaths.ended()[&a_child] as i64 - deleted as i64),
+        secs(a_end as i64 - deleted as i64),
         secs(b_start as i64 - deleted as i64)
     );
     assert_no_overlap(&fx, &deaths, &[&a, &b]);
-    let seen = a.stderr_text();
-    assert!(
-        seen.contains("lost leadership")
-            && (seen.contains("the key was deleted") || seen.contains("the key is now held by")),
-        "A must stop because its watch saw the key change hands: {seen}"
-    );
+    assert_watch_saw_the_key_change_hands(&a);
     proxy.set_mode(Mode::Pass);
-    assert_exit_code(&mut a, 76);
-    b.signal(Signal::SIGTERM);
-    assert_died_by(&mut b, Signal::SIGTERM);
-    fx.wait_none_left(DEADLINE);
+    old_lost_new_stopped(&fx, &mut a, &mut b);
 }
 
 /// The fencing token is the acquire's ModifyIndex (cluster-wide, monotonic): it equals the key's
@@ -767,9 +760,7 @@ async fn agent_restart_losing_state_stops_the_leader_and_the_successor_waits() {
         .spawn();
     let (a_child, _) = wait_nth_start(&fx, 0, "A's child started");
     let mut b = WrapperBuilder::new(&agent, &fx, &key, &timing).spawn();
-    wait_until_sync("B waits", DEADLINE, || {
-        b.stderr_text().contains("waiting for the lock on")
-    });
+    wait_standby(&b);
 
     let down = now_us();
     agent.restart(restart_options());
@@ -835,9 +826,7 @@ async fn agent_restart_losing_state_with_a_different_acl_token_is_fatal_and_noth
     let mut b = WrapperBuilder::new(&agent, &fx, &key, &T6_D1_S6)
         .env("CONSUL_HTTP_TOKEN", "old-token")
         .spawn();
-    wait_until_sync("B waits", DEADLINE, || {
-        b.stderr_text().contains("waiting for the lock on")
-    });
+    wait_standby(&b);
 
     let down = now_us();
     agent.restart(restart_options().acl_token("new-token"));
@@ -905,9 +894,7 @@ async fn no_cluster_leader_500_keeps_a_waiting_contender_waiting() {
     let mut b = WrapperBuilder::new(&agent, &fx, &key, &T3_D3_S3)
         .env("CONSUL_HTTP_ADDR", &proxy.addr().to_string())
         .spawn();
-    wait_until_sync("B waits", DEADLINE, || {
-        b.stderr_text().contains("waiting for the lock on")
-    });
+    wait_standby(&b);
 
     // New requests get the 500; the blocking read in flight is cut, as the servers' would be.
     proxy.fail_http(500, NO_LEADER);
@@ -976,9 +963,7 @@ async fn slow_agent_beyond_the_fence_budget_does_not_cost_the_lock_just_won() {
         .env("CONSUL_HTTP_ADDR", &proxy.addr().to_string())
         .flag("--on-lost", "recontend")
         .spawn();
-    wait_until_sync("B waits", DEADLINE, || {
-        b.stderr_text().contains("waiting for the lock on")
-    });
+    wait_standby(&b);
     // Every answer now takes 3s or more: beyond B's fence budget (3s - 1s - 150ms).
     proxy.set_mode(Mode::Delay(Duration::from_millis(1_500)));
     a.signal(Signal::SIGTERM);
