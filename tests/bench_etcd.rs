@@ -35,7 +35,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::etcd::{Cluster, EtcdTiming, EtcdWrapper, lock_name, skip_without_etcd, status};
+use common::etcd::{Cluster, EtcdTiming, etcd_wrapper, lock_name, skip_without_etcd, status};
 use common::leader::{DEADLINE, Event, Fixture, MARKER_ENV, now_us, parent};
 use common::{IdleProcesses, Proc, bin_path, wait_until_sync};
 use nix::sys::signal::{Signal, kill};
@@ -67,7 +67,7 @@ impl Bench {
     fn holder(&self, tool: Tool, name: &str) -> Proc {
         let child = self.child.to_str().unwrap();
         match tool {
-            Tool::ConsulLeader => EtcdWrapper::new(&self.fx, &self.etcd.endpoints(), name, &TIMING)
+            Tool::ConsulLeader => etcd_wrapper(&self.fx, &self.etcd.endpoints(), name, &TIMING)
                 .env("CONSUL_LEADER_LOG", "consul_leader=warn")
                 .command(&[child])
                 .spawn(),
@@ -127,7 +127,7 @@ impl Bench {
     /// A lock released clean once, so that our first holder does not wait the first-run silence.
     fn warm_lock(&self, what: &str) -> String {
         let name = lock_name(what);
-        let mut w = EtcdWrapper::new(&self.fx, &self.etcd.endpoints(), &name, &TIMING)
+        let mut w = etcd_wrapper(&self.fx, &self.etcd.endpoints(), &name, &TIMING)
             .command(&["true"])
             .spawn();
         assert_eq!(w.wait_exit(DEADLINE).and_then(|s| s.code()), Some(0));

@@ -53,7 +53,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::panic::AssertUnwindSafe;
 use std::time::Duration;
 
-use common::etcd::{Cluster, EtcdTiming, EtcdWrapper, lock_name, skip_without_etcd, status};
+use common::etcd::{Cluster, EtcdTiming, etcd_wrapper, lock_name, skip_without_etcd, status};
 use common::leader::{
     DEADLINE, DeathWatch, Event, Fixture, lifetimes, now_us, overlaps, parent, pid_alive,
 };
@@ -238,7 +238,7 @@ impl Chaos {
     /// Starts one more contender, with a child configured at random.
     fn spawn(&mut self) {
         let proxy = FaultProxy::start(self.etcd.members[0].client);
-        let mut b = EtcdWrapper::new(
+        let mut b = etcd_wrapper(
             &self.fx,
             &format!("http://{}", proxy.addr()),
             &self.name,

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::os::unix::process::ExitStatusExt;
 use std::time::{Duration, Instant};
 
-use common::etcd::{CLUSTER, Cluster, EtcdWrapper, QUICK, lock_name, skip_without_etcd, status};
+use common::etcd::{CLUSTER, Cluster, QUICK, etcd_wrapper, lock_name, skip_without_etcd, status};
 use common::leader::{
     DEADLINE, DeathWatch, Event, Fixture, exit_of, lifetimes, now_us, overlaps, parent,
     read_env_file,
@@ -111,7 +111,7 @@ fn etcd_exit_code_passes_through_and_the_release_is_recorded_clean() {
     let fx = Fixture::new();
     let name = lock_name("exit");
     let env_file = fx.dir.join("env");
-    let mut w = EtcdWrapper::new(&fx, &etcd.endpoints(), &name, &QUICK)
+    let mut w = etcd_wrapper(&fx, &etcd.endpoints(), &name, &QUICK)
         .env("CL_CHILD_EXIT_CODE", "3")
         .env("CL_CHILD_ENV_FILE", env_file.to_str().unwrap())
         .env("ETCDCTL_PASSWORD", "never-for-the-child")
@@ -152,14 +152,14 @@ fn etcd_contenders_take_the_lock_in_queue_order_and_clean_handovers_wait_nothing
     let fx = Fixture::new();
     let name = lock_name("queue");
     let ep = etcd.endpoints();
-    let mut a = EtcdWrapper::new(&fx, &ep, &name, &QUICK).spawn();
+    let mut a = etcd_wrapper(&fx, &ep, &name, &QUICK).spawn();
     nth_start(&fx, 1);
     // A silence far longer than the deadlines: a handover that waited it would time out.
-    let mut b = EtcdWrapper::new(&fx, &ep, &name, &QUICK)
+    let mut b = etcd_wrapper(&fx, &ep, &name, &QUICK)
         .flag("--silence", "10m")
         .spawn();
     wait_waiters(&ep, &name, 1);
-    let mut c = EtcdWrapper::new(&fx, &ep, &name, &QUICK)
+    let mut c = etcd_wrapper(&fx, &ep, &name, &QUICK)
         .flag("--silence", "10m")
         .spawn();
     wait_waiters(&ep, &name, 2);
@@ -194,7 +194,7 @@ fn etcd_lease_revoke_stops_the_child_at_once_and_exits_lost() {
     let etcd = Cluster::single();
     let fx = Fixture::new();
     let name = lock_name("revoke");
-    let mut w = EtcdWrapper::new(&fx, &etcd.endpoints(), &name, &QUICK).spawn();
+    let mut w = etcd_wrapper(&fx, &etcd.endpoints(), &name, &QUICK).spawn();
     nth_start(&fx, 1);
     let (lease, _) = owner(&etcd.endpoints(), &name);
     let revoked = now_us();
@@ -235,9 +235,9 @@ fn etcd_deleted_key_ends_leadership_and_the_successor_waits_out_the_holders_ttl(
     let fx = Fixture::new();
     let name = lock_name("delete");
     let ep = etcd.endpoints();
-    let mut a = EtcdWrapper::new(&fx, &ep, &name, &QUICK).spawn();
+    let mut a = etcd_wrapper(&fx, &ep, &name, &QUICK).spawn();
     nth_start(&fx, 1);
-    let mut b = EtcdWrapper::new(&fx, &ep, &name, &QUICK).spawn();
+    let mut b = etcd_wrapper(&fx, &ep, &name, &QUICK).spawn();
     wait_waiters(&ep, &name, 1);
     let (_, key) = owner(&ep, &name);
     let deleted = now_us();
@@ -268,11 +268,11 @@ fn etcd_sigkilled_wrapper_takes_its_tree_along_and_the_successor_waits_for_the_l
     let deaths = DeathWatch::start(&fx.journal);
     let name = lock_name("sigkill");
     let ep = etcd.endpoints();
-    let mut a = EtcdWrapper::new(&fx, &ep, &name, &QUICK)
+    let mut a = etcd_wrapper(&fx, &ep, &name, &QUICK)
         .env("CL_CHILD_GRANDCHILDREN", "ignore-term")
         .spawn();
     let first = nth_start(&fx, 1);
-    let mut b = EtcdWrapper::new(&fx, &ep, &name, &QUICK).spawn();
+    let mut b = etcd_wrapper(&fx, &ep, &name, &QUICK).spawn();
     wait_waiters(&ep, &name, 1);
     let killed = now_us();
     a.signal(Signal::SIGKILL);
@@ -303,7 +303,7 @@ fn etcd_sigstopped_wrapper_is_fenced_before_its_lease_can_expire() {
     let deaths = DeathWatch::start(&fx.journal);
     let name = lock_name("sigstop");
     let ep = etcd.endpoints();
-    let mut a = EtcdWrapper::new(&fx, &ep, &name, &QUICK)
+    let mut a = etcd_wrapper(&fx, &ep, &name, &QUICK)
         .env("CL_CHILD_EXIT_ON", "")
         .spawn();
     let first = nth_start(&fx, 1);
@@ -318,7 +318,7 @@ fn etcd_sigstopped_wrapper_is_fenced_before_its_lease_can_expire() {
         let _ = exit_of(&mut a);
         return;
     }
-    let mut b = EtcdWrapper::new(&fx, &ep, &name, &QUICK).spawn();
+    let mut b = etcd_wrapper(&fx, &ep, &name, &QUICK).spawn();
     wait_waiters(&ep, &name, 1);
     let stopped = now_us();
     a.signal(Signal::SIGSTOP);
@@ -350,7 +350,7 @@ fn etcd_stubborn_tree_is_gone_before_the_lock_passes_on() {
     let deaths = DeathWatch::start(&fx.journal);
     let name = lock_name("stubborn");
     let ep = etcd.endpoints();
-    let mut a = EtcdWrapper::new(&fx, &ep, &name, &QUICK)
+    let mut a = etcd_wrapper(&fx, &ep, &name, &QUICK)
         .env("CL_CHILD_EXIT_ON", "")
         .env("CL_CHILD_GRANDCHILDREN", "ignore-term setsid")
         .spawn();
@@ -360,7 +360,7 @@ fn etcd_stubborn_tree_is_gone_before_the_lock_passes_on() {
         a_tree.len() >= 3,
         "the child and its two grandchildren: {a_tree:?}"
     );
-    let mut b = EtcdWrapper::new(&fx, &ep, &name, &QUICK)
+    let mut b = etcd_wrapper(&fx, &ep, &name, &QUICK)
         .flag("--silence", "10m")
         .spawn();
     wait_waiters(&ep, &name, 1);
@@ -387,12 +387,12 @@ fn etcd_wait_zero_on_a_held_lock_exits_busy_and_writes_nothing() {
     let fx = Fixture::new();
     let name = lock_name("busy");
     let ep = etcd.endpoints();
-    let mut a = EtcdWrapper::new(&fx, &ep, &name, &QUICK).spawn();
+    let mut a = etcd_wrapper(&fx, &ep, &name, &QUICK).spawn();
     nth_start(&fx, 1);
     let before = revision(&etcd);
     let leases = lease_count(&etcd);
     let started = Instant::now();
-    let mut w = EtcdWrapper::new(&fx, &ep, &name, &QUICK)
+    let mut w = etcd_wrapper(&fx, &ep, &name, &QUICK)
         .flag("--wait", "0")
         .spawn();
     assert_eq!(exit_of(&mut w).code(), Some(75), "{}", w.output_report());
@@ -419,11 +419,11 @@ fn etcd_blackholed_wrapper_fences_itself_before_its_lease_can_expire() {
     let deaths = DeathWatch::start(&fx.journal);
     let name = lock_name("blackhole");
     let direct = format!("http://{}", etcd.members[0].client);
-    let mut a = EtcdWrapper::new(&fx, &etcd.endpoints(), &name, &QUICK)
+    let mut a = etcd_wrapper(&fx, &etcd.endpoints(), &name, &QUICK)
         .env("CL_CHILD_EXIT_ON", "")
         .spawn();
     let first = nth_start(&fx, 1);
-    let mut b = EtcdWrapper::new(&fx, &direct, &name, &QUICK).spawn();
+    let mut b = etcd_wrapper(&fx, &direct, &name, &QUICK).spawn();
     wait_waiters(&direct, &name, 1);
     let cut = now_us();
     etcd.client_proxy(0).set_mode(Mode::Blackhole);
@@ -462,7 +462,7 @@ fn etcd_short_resets_and_delays_cost_no_leadership() {
     let etcd = Cluster::single_behind_proxy();
     let fx = Fixture::new();
     let name = lock_name("blips");
-    let mut a = EtcdWrapper::new(&fx, &etcd.endpoints(), &name, &QUICK)
+    let mut a = etcd_wrapper(&fx, &etcd.endpoints(), &name, &QUICK)
         .env("CONSUL_LEADER_LOG", "consul_leader=debug")
         .spawn();
     nth_start(&fx, 1);
@@ -496,7 +496,7 @@ fn etcd_killing_the_etcd_leader_keeps_the_lock() {
     let mut etcd = Cluster::three();
     let fx = Fixture::new();
     let name = lock_name("leader-kill");
-    let mut a = EtcdWrapper::new(&fx, &etcd.endpoints(), &name, &CLUSTER).spawn();
+    let mut a = etcd_wrapper(&fx, &etcd.endpoints(), &name, &CLUSTER).spawn();
     let first = nth_start(&fx, 1);
     let (lease, key) = owner(&etcd.endpoints(), &name);
     let leader = etcd.leader();
@@ -533,7 +533,7 @@ fn etcd_a_partitioned_etcd_leader_costs_no_lock() {
     let etcd = Cluster::three();
     let fx = Fixture::new();
     let name = lock_name("partition");
-    let mut a = EtcdWrapper::new(&fx, &etcd.endpoints(), &name, &CLUSTER).spawn();
+    let mut a = etcd_wrapper(&fx, &etcd.endpoints(), &name, &CLUSTER).spawn();
     let first = nth_start(&fx, 1);
     let leader = etcd.leader();
     {
@@ -582,7 +582,7 @@ fn etcdctl_lock_holding_makes_the_wrapper_wait_and_exit_busy() {
     let mut etcdctl = Proc::spawn(cmd);
     let held = nth_start(&fx, 1);
     let started = Instant::now();
-    let mut w = EtcdWrapper::new(&fx, &etcd.endpoints(), &name, &QUICK)
+    let mut w = etcd_wrapper(&fx, &etcd.endpoints(), &name, &QUICK)
         .flag("--wait", "2s")
         .spawn();
     assert_eq!(exit_of(&mut w).code(), Some(75), "{}", w.output_report());
@@ -612,7 +612,7 @@ fn the_wrapper_holding_makes_etcdctl_lock_wait_until_it_releases() {
     let deaths = DeathWatch::start(&fx.journal);
     let name = lock_name("interop-b");
     let ep = etcd.endpoints();
-    let mut a = EtcdWrapper::new(&fx, &ep, &name, &QUICK).spawn();
+    let mut a = etcd_wrapper(&fx, &ep, &name, &QUICK).spawn();
     let ours = nth_start(&fx, 1);
     let mut cmd = etcd.etcdctl_command(&["lock", &name, "bash", &Fixture::child_script()]);
     cmd.env(common::leader::MARKER_ENV, &fx.marker)
@@ -656,7 +656,7 @@ fn etcd_recontend_after_a_revoke_leads_again_without_waiting_for_itself() {
     let name = lock_name("recontend");
     let ep = etcd.endpoints();
     // A brand-new lock owes one silence; a clean release before lets A (silence 10m) start.
-    let mut first = EtcdWrapper::new(&fx, &ep, &name, &QUICK)
+    let mut first = etcd_wrapper(&fx, &ep, &name, &QUICK)
         .command(&["true"])
         .spawn();
     assert_eq!(
@@ -665,7 +665,7 @@ fn etcd_recontend_after_a_revoke_leads_again_without_waiting_for_itself() {
         "{}",
         first.output_report()
     );
-    let mut a = EtcdWrapper::new(&fx, &ep, &name, &QUICK)
+    let mut a = etcd_wrapper(&fx, &ep, &name, &QUICK)
         .flag("--on-lost", "recontend")
         .flag("--silence", "10m")
         .spawn();
@@ -798,7 +798,7 @@ fn etcd_tls_client_certificates_and_a_user_as_etcdctl_names_them() {
     let name = lock_name("tls");
     let env_file = fx.dir.join("env");
     // Flags for the TLS files, variables for the user, as an etcdctl user would have them.
-    let mut w = EtcdWrapper::new(&fx, &etcd.endpoints(), &name, &QUICK)
+    let mut w = etcd_wrapper(&fx, &etcd.endpoints(), &name, &QUICK)
         .flag("--etcd-cacert", &files.ca)
         .flag("--etcd-cert", &files.client_cert)
         .flag("--etcd-key", &files.client_key)
@@ -867,7 +867,7 @@ fn etcd_one_member_down_at_start_is_not_etcd_unreachable() {
     for _ in 0..3 {
         let s = status(&etcd.endpoints(), &name);
         assert_eq!(s["held"], false, "{s}");
-        let mut w = EtcdWrapper::new(&fx, &etcd.endpoints(), &name, &CLUSTER)
+        let mut w = etcd_wrapper(&fx, &etcd.endpoints(), &name, &CLUSTER)
             .flag("--silence", "8s")
             .command(&["true"])
             .spawn();

@@ -1,7 +1,7 @@
 //! Real etcd for the tests: [`Cluster`] starts one or three `etcd` processes (Debian's
 //! `etcd-server`) on free loopback ports with data directories of their own, waits until they
 //! serve, and stops them and removes the directories on drop, so that no process outlives its
-//! test. [`EtcdWrapper`] starts `consul-leader run --etcd-endpoints ...` around the child fixture,
+//! test. [`etcd_wrapper`] starts `consul-leader run --etcd-endpoints ...` around the child fixture,
 //! like `leader::WrapperBuilder` does for Consul.
 //!
 //! * A three-node cluster puts a [`FaultProxy`] in front of every member's client port (the
@@ -20,7 +20,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use super::leader::{Fixture, MARKER_ENV};
+use super::leader::{Fixture, WrapperBuilder};
 use super::proxy::{FaultProxy, Mode};
 use super::{Proc, bin_path, unique, wait_until_sync};
 
@@ -505,85 +505,27 @@ pub const CLUSTER: EtcdTiming = EtcdTiming {
     grace: "1s",
 };
 
-/// Builds a `consul-leader run --etcd-endpoints ...` wrapper around the child fixture.
-pub struct EtcdWrapper<'a> {
+/// `consul-leader run --etcd-endpoints ENDPOINTS --key NAME` with `timing`, around the child
+/// fixture; the rest as for a Consul wrapper ([`WrapperBuilder`]).
+pub fn etcd_wrapper<'a>(
     fixture: &'a Fixture,
-    endpoints: String,
-    name: String,
-    args: Vec<String>,
-    env: Vec<(String, String)>,
-    command: Option<Vec<String>>,
-}
-
-impl<'a> EtcdWrapper<'a> {
-    pub fn new(fixture: &'a Fixture, endpoints: &str, name: &str, timing: &EtcdTiming) -> Self {
-        let args = [
+    endpoints: &str,
+    name: &str,
+    timing: &EtcdTiming,
+) -> WrapperBuilder<'a> {
+    WrapperBuilder::etcd(
+        fixture,
+        endpoints,
+        name,
+        &[
             "--ttl",
             timing.ttl,
             "--silence",
             timing.silence,
             "--grace",
             timing.grace,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        EtcdWrapper {
-            fixture,
-            endpoints: endpoints.to_string(),
-            name: name.to_string(),
-            args,
-            env: Vec::new(),
-            command: None,
-        }
-    }
-
-    /// Sets (or replaces) a flag of `run`.
-    pub fn flag(mut self, name: &str, value: &str) -> Self {
-        if let Some(i) = self.args.iter().position(|a| a == name) {
-            self.args[i + 1] = value.to_string();
-        } else {
-            self.args.push(name.to_string());
-            self.args.push(value.to_string());
-        }
-        self
-    }
-
-    /// An environment variable for the wrapper (and so, unless removed, the child).
-    pub fn env(mut self, name: &str, value: &str) -> Self {
-        self.env.push((name.to_string(), value.to_string()));
-        self
-    }
-
-    /// Runs this command instead of the child fixture.
-    pub fn command(mut self, argv: &[&str]) -> Self {
-        self.command = Some(argv.iter().map(|s| s.to_string()).collect());
-        self
-    }
-
-    pub fn spawn(self) -> Proc {
-        let mut cmd = Command::new(bin_path());
-        cmd.arg("run")
-            .arg("--etcd-endpoints")
-            .arg(&self.endpoints)
-            .arg("--key")
-            .arg(&self.name)
-            .args(&self.args)
-            .arg("--");
-        match &self.command {
-            Some(argv) => cmd.args(argv),
-            None => cmd.arg("bash").arg(Fixture::child_script()),
-        };
-        cmd.env(MARKER_ENV, &self.fixture.marker)
-            .env("CL_CHILD_JOURNAL", &self.fixture.journal)
-            .env_remove("CONSUL_HTTP_ADDR")
-            .env_remove("ETCDCTL_ENDPOINTS")
-            .env_remove("CONSUL_LEADER_LOG");
-        for (k, v) in &self.env {
-            cmd.env(k, v);
-        }
-        Proc::spawn(cmd)
-    }
+        ],
+    )
 }
 
 /// A lock name no other test uses.

@@ -371,7 +371,7 @@ fn describe_pids(pids: &[u32]) -> String {
 
 /// Builds a `consul-leader run` wrapper around the child fixture.
 pub struct WrapperBuilder<'a> {
-    agent: &'a DevAgent,
+    engine: Engine<'a>,
     fixture: &'a Fixture,
     key: String,
     args: Vec<String>,
@@ -379,26 +379,44 @@ pub struct WrapperBuilder<'a> {
     command: Option<Vec<String>>,
 }
 
+/// Where a wrapper's lock lives.
+enum Engine<'a> {
+    Consul(&'a DevAgent),
+    /// etcd's client endpoints, comma-separated.
+    Etcd(String),
+}
+
 impl<'a> WrapperBuilder<'a> {
+    /// `run --key KEY` against a dev agent (or the real agent of `CONSUL_LEADER_TEST_ADDR`).
     pub fn new(agent: &'a DevAgent, fixture: &'a Fixture, key: &str, timing: &Timing) -> Self {
-        let args = [
-            "--ttl",
-            timing.ttl,
-            "--lock-delay",
-            timing.lock_delay,
-            "--silence",
-            timing.silence,
-            "--grace",
-            timing.grace,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        Self::with(
+            Engine::Consul(agent),
+            fixture,
+            key,
+            &[
+                "--ttl",
+                timing.ttl,
+                "--lock-delay",
+                timing.lock_delay,
+                "--silence",
+                timing.silence,
+                "--grace",
+                timing.grace,
+            ],
+        )
+    }
+
+    /// `run --etcd-endpoints ENDPOINTS --key NAME`, with `args` (the timing flags).
+    pub fn etcd(fixture: &'a Fixture, endpoints: &str, name: &str, args: &[&str]) -> Self {
+        Self::with(Engine::Etcd(endpoints.to_string()), fixture, name, args)
+    }
+
+    fn with(engine: Engine<'a>, fixture: &'a Fixture, key: &str, args: &[&str]) -> Self {
         WrapperBuilder {
-            agent,
+            engine,
             fixture,
             key: key.to_string(),
-            args,
+            args: args.iter().map(|s| s.to_string()).collect(),
             env: Vec::new(),
             command: None,
         }
@@ -441,25 +459,35 @@ impl<'a> WrapperBuilder<'a> {
     /// (a controlling terminal, say).
     pub fn into_command(self) -> Command {
         let mut cmd = Command::new(bin_path());
-        cmd.arg("run")
-            .arg("--key")
-            .arg(&self.key)
-            .args(&self.args)
-            .arg("--");
+        cmd.arg("run");
+        if let Engine::Etcd(endpoints) = &self.engine {
+            cmd.arg("--etcd-endpoints").arg(endpoints);
+        }
+        cmd.arg("--key").arg(&self.key).args(&self.args).arg("--");
         match &self.command {
             Some(argv) => cmd.args(argv),
             None => cmd.arg("bash").arg(Fixture::child_script()),
         };
-        cmd.env("CONSUL_HTTP_ADDR", self.agent.addr())
-            .env(MARKER_ENV, &self.fixture.marker)
+        cmd.env(MARKER_ENV, &self.fixture.marker)
             .env("CL_CHILD_JOURNAL", &self.fixture.journal)
-            .env_remove("CONSUL_HTTP_TOKEN")
-            .env_remove("CONSUL_HTTP_TOKEN_FILE")
             .env_remove("CONSUL_LEADER_LOG");
-        if !DevAgent::is_real() {
-            // Test agents lower their session_ttl_min to 1s, and the tests use TTLs below
-            // Consul's 10s minimum, which the wrapper refuses unless told the agent's minimum.
-            cmd.env("CONSUL_LEADER_TTL_MIN", "1s");
+        match &self.engine {
+            Engine::Consul(agent) => {
+                cmd.env("CONSUL_HTTP_ADDR", agent.addr())
+                    .env_remove("CONSUL_HTTP_TOKEN")
+                    .env_remove("CONSUL_HTTP_TOKEN_FILE");
+                if !DevAgent::is_real() {
+                    // Test agents lower their session_ttl_min to 1s, and the tests use TTLs
+                    // below Consul's 10s minimum, which the wrapper refuses unless told the
+                    // agent's minimum.
+                    cmd.env("CONSUL_LEADER_TTL_MIN", "1s");
+                }
+            }
+            // The engine rule: no Consul address, no second list of endpoints.
+            Engine::Etcd(_) => {
+                cmd.env_remove("CONSUL_HTTP_ADDR")
+                    .env_remove("ETCDCTL_ENDPOINTS");
+            }
         }
         for (k, v) in &self.env {
             cmd.env(k, v);
