@@ -183,7 +183,6 @@ mod common;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::os::unix::process::ExitStatusExt;
-use std::panic::AssertUnwindSafe;
 use std::process::ExitStatus;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, UNIX_EPOCH};
@@ -323,14 +322,7 @@ fn chaos_short() {
 #[test]
 #[ignore = "a long randomized run; see the module docs"]
 fn chaos_long() {
-    let rounds = std::env::var(ROUNDS_ENV)
-        .ok()
-        .map(|v| {
-            v.trim()
-                .parse()
-                .unwrap_or_else(|_| panic!("{ROUNDS_ENV}={v:?} is not a number of rounds"))
-        })
-        .unwrap_or(LONG_ROUNDS_DEFAULT);
+    let rounds = common::chaos_rounds(ROUNDS_ENV, LONG_ROUNDS_DEFAULT);
     run_chaos("chaos_long", rounds);
 }
 
@@ -339,31 +331,11 @@ fn run_chaos(test: &str, rounds: usize) {
         skip(test, "the fault proxies need a local dev agent");
         return;
     }
-    let seed = match std::env::var(SEED_ENV) {
-        Ok(v) => v
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("{SEED_ENV}={v:?} is not a u64")),
-        Err(_) => rand::random::<u64>(),
-    };
-    let replay = format!("chaos seed: {seed} (replay with {SEED_ENV}={seed})");
-    eprintln!("{replay}");
-    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+    common::seeded_run("chaos", SEED_ENV, |seed| {
         let mut chaos = Chaos::start(seed);
         chaos.run(rounds);
         chaos.finish()
-    }));
-    match outcome {
-        Ok(summary) => eprintln!("{summary}\n{replay}"),
-        Err(e) => {
-            let msg = e
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "(a panic without a message)".into());
-            panic!("{msg}\n{replay}");
-        }
-    }
+    });
 }
 
 // ---------------------------------------------------------------------------------------------

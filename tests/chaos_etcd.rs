@@ -50,7 +50,6 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::os::unix::process::ExitStatusExt;
-use std::panic::AssertUnwindSafe;
 use std::time::Duration;
 
 use common::etcd::{Cluster, EtcdTiming, etcd_wrapper, lock_name, skip_without_etcd, status};
@@ -98,10 +97,7 @@ fn chaos_etcd_short() {
 #[test]
 #[ignore = "a long randomized run; see the module docs"]
 fn chaos_etcd_long() {
-    let rounds = std::env::var(ROUNDS_ENV)
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(LONG_ROUNDS_DEFAULT);
+    let rounds = common::chaos_rounds(ROUNDS_ENV, LONG_ROUNDS_DEFAULT);
     run("chaos_etcd_long", rounds);
 }
 
@@ -109,31 +105,11 @@ fn run(test: &str, rounds: usize) {
     if skip_without_etcd(test) {
         return;
     }
-    let seed = match std::env::var(SEED_ENV) {
-        Ok(v) => v
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("{SEED_ENV}={v:?} is not a u64")),
-        Err(_) => rand::random::<u64>(),
-    };
-    let replay = format!("chaos_etcd seed: {seed} (replay with {SEED_ENV}={seed})");
-    eprintln!("{replay}");
-    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+    common::seeded_run("chaos_etcd", SEED_ENV, |seed| {
         let mut chaos = Chaos::start(seed);
         chaos.run(rounds);
         chaos.finish()
-    }));
-    match outcome {
-        Ok(summary) => eprintln!("{summary}\n{replay}"),
-        Err(e) => {
-            let msg = e
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "(a panic without a message)".into());
-            panic!("{msg}\n{replay}");
-        }
-    }
+    });
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]

@@ -45,7 +45,6 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::process::ExitStatusExt;
-use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
 
 use common::leader::{
@@ -95,14 +94,7 @@ fn chaos_semaphore_short() {
 #[test]
 #[ignore = "a long randomized run; see the module docs"]
 fn chaos_semaphore_long() {
-    let rounds = std::env::var(ROUNDS_ENV)
-        .ok()
-        .map(|v| {
-            v.trim()
-                .parse()
-                .unwrap_or_else(|_| panic!("{ROUNDS_ENV}={v:?} is not a number of rounds"))
-        })
-        .unwrap_or(LONG_ROUNDS_DEFAULT);
+    let rounds = common::chaos_rounds(ROUNDS_ENV, LONG_ROUNDS_DEFAULT);
     run_chaos("chaos_semaphore_long", rounds);
 }
 
@@ -111,33 +103,13 @@ fn run_chaos(test: &str, rounds: usize) {
         skip(test, "the fault proxies need a local dev agent");
         return;
     }
-    let seed = match std::env::var(SEED_ENV) {
-        Ok(v) => v
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("{SEED_ENV}={v:?} is not a u64")),
-        Err(_) => rand::random::<u64>(),
-    };
-    let replay = format!("semaphore chaos seed: {seed} (replay with {SEED_ENV}={seed})");
-    eprintln!("{replay}");
-    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+    common::seeded_run("semaphore chaos", SEED_ENV, |seed| {
         let mut chaos = Chaos::start(seed);
         for _ in 0..rounds {
             chaos.round();
         }
         chaos.finish()
-    }));
-    match outcome {
-        Ok(summary) => eprintln!("{summary}\n{replay}"),
-        Err(e) => {
-            let msg = e
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "(a panic without a message)".into());
-            panic!("{msg}\n{replay}");
-        }
-    }
+    });
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]

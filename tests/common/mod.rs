@@ -77,6 +77,45 @@ pub fn skip(test: &str, why: &str) {
     eprintln!("SKIPPED {test}: {why}");
 }
 
+/// The rounds of a long randomized run: `var` if set (a bad number is an error, not the
+/// default), else `default`.
+pub fn chaos_rounds(var: &str, default: usize) -> usize {
+    std::env::var(var)
+        .ok()
+        .map(|v| {
+            v.trim()
+                .parse()
+                .unwrap_or_else(|_| panic!("{var}={v:?} is not a number of rounds"))
+        })
+        .unwrap_or(default)
+}
+
+/// A seeded randomized run: the seed comes from `seed_env` (to replay a run) or is drawn fresh,
+/// and is printed before the run and again after its summary, or after its failure, so that any
+/// run can be replayed. `body` runs with the seed and returns the summary.
+pub fn seeded_run(label: &str, seed_env: &str, body: impl FnOnce(u64) -> String) {
+    let seed = match std::env::var(seed_env) {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{seed_env}={v:?} is not a u64")),
+        Err(_) => rand::random::<u64>(),
+    };
+    let replay = format!("{label} seed: {seed} (replay with {seed_env}={seed})");
+    eprintln!("{replay}");
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(seed))) {
+        Ok(summary) => eprintln!("{summary}\n{replay}"),
+        Err(e) => {
+            let msg = e
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "(a panic without a message)".into());
+            panic!("{msg}\n{replay}");
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Processes
 // ---------------------------------------------------------------------------------------------
